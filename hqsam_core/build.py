@@ -1,0 +1,142 @@
+"""Registry of HQ-SAM model builders, one per variant, and checkpoint loading."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from segment_anything.modeling import ImageEncoderViT, PromptEncoder, TwoWayTransformer
+
+from hqsam_core.checkpoint import CheckpointError, hq_keys, merge_checkpoint, read_state_dict
+from hqsam_core.hqsam import HQSam
+from hqsam_core.mask_decoder_hq import MaskDecoderHQ
+from hqsam_core.tiny_vit import TinyViT, early_feature_to_nchw
+
+log = logging.getLogger(__name__)
+
+PROMPT_DIM = 256
+IMAGE_SIZE = 1024
+PATCH_SIZE = 16
+
+
+@dataclass(frozen=True)
+class ViTSpec:
+    embed_dim: int
+    depth: int
+    num_heads: int
+    global_attn_indexes: tuple[int, ...]
+
+
+VIT_SPECS = {
+    "vit_b": ViTSpec(768, 12, 12, (2, 5, 8, 11)),
+    "vit_l": ViTSpec(1024, 24, 16, (5, 11, 17, 23)),
+    "vit_h": ViTSpec(1280, 32, 16, (7, 15, 23, 31)),
+}
+
+
+def _decoder(vit_dim: int) -> MaskDecoderHQ:
+    return MaskDecoderHQ(
+        transformer_dim=PROMPT_DIM,
+        transformer=TwoWayTransformer(depth=2, embedding_dim=PROMPT_DIM, mlp_dim=2048, num_heads=8),
+        num_multimask_outputs=3,
+        iou_head_depth=3,
+        iou_head_hidden_dim=256,
+        vit_dim=vit_dim,
+    )
+
+
+def _prompt_encoder() -> PromptEncoder:
+    grid = IMAGE_SIZE // PATCH_SIZE
+    return PromptEncoder(
+        embed_dim=PROMPT_DIM,
+        image_embedding_size=(grid, grid),
+        input_image_size=(IMAGE_SIZE, IMAGE_SIZE),
+        mask_in_chans=16,
+    )
+
+
+def _channels_last_to_nchw(feature: torch.Tensor) -> torch.Tensor:
+    return feature.permute(0, 3, 1, 2)
+
+
+def _build_vit(variant: str) -> HQSam:
+    spec = VIT_SPECS[variant]
+    encoder = ImageEncoderViT(
+        depth=spec.depth,
+        embed_dim=spec.embed_dim,
+        img_size=IMAGE_SIZE,
+        mlp_ratio=4,
+        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+        num_heads=spec.num_heads,
+        patch_size=PATCH_SIZE,
+        qkv_bias=True,
+        use_rel_pos=True,
+        global_attn_indexes=spec.global_attn_indexes,
+        window_size=14,
+        out_chans=PROMPT_DIM,
+    )
+    return HQSam(
+        encoder,
+        _prompt_encoder(),
+        _decoder(spec.embed_dim),
+        variant=variant,
+        early_layer=f"blocks.{spec.global_attn_indexes[0]}",
+        early_to_nchw=_channels_last_to_nchw,
+    )
+
+
+def _build_vit_tiny(variant: str = "vit_tiny") -> HQSam:
+    return HQSam(
+        TinyViT(),
+        _prompt_encoder(),
+        _decoder(160),
+        variant=variant,
+        early_layer="layers.1",
+        early_to_nchw=early_feature_to_nchw,
+    )
+
+
+MODEL_REGISTRY: dict[str, Callable[[str], HQSam]] = {
+    "vit_b": _build_vit,
+    "vit_l": _build_vit,
+    "vit_h": _build_vit,
+    "vit_tiny": _build_vit_tiny,
+}
+VARIANTS = tuple(MODEL_REGISTRY)
+
+
+def build_hqsam(
+    variant: str,
+    checkpoint: str | None = None,
+    hq_head: str | None = None,
+    *,
+    allow_random_hq_head: bool = False,
+) -> HQSam:
+    """Build an HQ-SAM model in eval mode, loading official-format weights when given.
+
+    `checkpoint` is an HQ-SAM checkpoint, or a plain SAM one together with `hq_head` (a file of
+    HQ keys). Sources may be paths, fsspec URIs or zoo names. Without `checkpoint` the weights
+    are random. A plain SAM checkpoint without `hq_head` is refused unless `allow_random_hq_head`.
+    """
+    if variant not in MODEL_REGISTRY:
+        raise ValueError(f"Unknown model variant {variant!r}; choose one of {', '.join(VARIANTS)}.")
+    model = MODEL_REGISTRY[variant](variant)
+    if checkpoint is not None:
+        base = read_state_dict(checkpoint)
+        head = read_state_dict(hq_head) if hq_head is not None else None
+        state, head_is_random = merge_checkpoint(model, base, head, checkpoint, hq_head, variant)
+        if head_is_random:
+            if not allow_random_hq_head:
+                raise CheckpointError(
+                    f"{checkpoint} is a plain SAM checkpoint without the HQ head; pass --hq-head FILE "
+                    f"(a head trained with `hqsam train`) or an HQ-SAM checkpoint such as sam_hq_{variant}."
+                )
+            log.warning("%s has no HQ head: the HQ head keeps random weights (testing only).", checkpoint)
+            state.update({k: v for k, v in model.state_dict().items() if k in hq_keys(model)})
+        model.load_state_dict(state, strict=True)
+    elif hq_head is not None:
+        raise ValueError("hq_head needs a base checkpoint.")
+    return model.eval()

@@ -1,0 +1,145 @@
+"""Reading, checking and writing official-format HQ-SAM state dicts."""
+
+from __future__ import annotations
+
+import io
+import os
+import uuid
+
+import fsspec
+import torch
+from fsspec.implementations.local import LocalFileSystem
+from torch import nn
+
+from hqsam_core.mask_decoder_hq import HQ_MODULES
+from hqsam_core.zoo import fetch_checkpoint
+
+HQ_KEY_PREFIXES = tuple(f"mask_decoder.{name}." for name in HQ_MODULES)
+_ENCODER_WIDTH_TO_VARIANT = {768: "vit_b", 1024: "vit_l", 1280: "vit_h"}
+
+StateDict = dict[str, torch.Tensor]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used for the requested model; the message is one sentence."""
+
+
+def is_hq_key(key: str) -> bool:
+    return key.startswith(HQ_KEY_PREFIXES)
+
+
+def hq_keys(model: nn.Module) -> set[str]:
+    return {key for key in model.state_dict() if is_hq_key(key)}
+
+
+def read_state_dict(source: str) -> StateDict:
+    """Load a state dict from a path, fsspec URI or zoo name (tensors only: weights_only=True)."""
+    path = fetch_checkpoint(source)
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for corrupt or foreign files
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{source} is not a readable PyTorch checkpoint ({reason[:200]}).") from None
+    for wrapper in ("model", "state_dict"):
+        if isinstance(loaded, dict) and isinstance(loaded.get(wrapper), dict) and len(loaded) <= 3:
+            loaded = loaded[wrapper]
+    if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        raise CheckpointError(f"{source} does not hold a state dict of tensors.")
+    return loaded
+
+
+def detect_variant(state: StateDict) -> str | None:
+    """Which HQ-SAM variant a (possibly partial) state dict belongs to, when it can tell."""
+    if any(key.startswith("image_encoder.layers.") for key in state):
+        return "vit_tiny"
+    patch = state.get("image_encoder.patch_embed.proj.weight")
+    if patch is not None:
+        return _ENCODER_WIDTH_TO_VARIANT.get(patch.shape[0])
+    compress = state.get("mask_decoder.compress_vit_feat.0.weight")
+    if compress is not None:
+        return {160: "vit_tiny", **_ENCODER_WIDTH_TO_VARIANT}.get(compress.shape[0])
+    return None
+
+
+def merge_checkpoint(
+    model: nn.Module,
+    base: StateDict,
+    head: StateDict | None,
+    base_source: str,
+    head_source: str | None,
+    variant: str,
+) -> tuple[StateDict, bool]:
+    """Check `base` (SAM or HQ-SAM weights) and optional `head` (HQ keys) against `model`.
+
+    Returns the merged state dict and whether the HQ head is still missing.
+    """
+    expected = {key: value.shape for key, value in model.state_dict().items()}
+    hq = {key for key in expected if is_hq_key(key)}
+    _check_part(base, {k: s for k, s in expected.items() if k not in hq}, base_source, variant, hq)
+    base_hq = hq & base.keys()
+    if base_hq and base_hq != hq:
+        missing = sorted(hq - base_hq)
+        raise CheckpointError(
+            f"{base_source} has an incomplete HQ head ({len(missing)} keys missing, e.g. {missing[0]})."
+        )
+    state = dict(base)
+    if head is not None:
+        _check_part(head, {k: expected[k] for k in hq}, head_source or "hq_head", variant, set())
+        state.update(head)
+    return state, not (hq <= state.keys())
+
+
+def _check_part(
+    state: StateDict, expected: dict[str, torch.Size], source: str, variant: str, tolerated: set[str]
+) -> None:
+    detected = detect_variant(state)
+    if detected is not None and detected != variant:
+        raise CheckpointError(
+            f"{source} holds {detected} weights but the model is {variant}; pass --model {detected} "
+            f"or a {variant} checkpoint."
+        )
+    missing = sorted(expected.keys() - state.keys())
+    if missing:
+        raise CheckpointError(
+            f"{source} is not a {variant} checkpoint: {len(missing)} of {len(expected)} expected weights "
+            f"are missing (e.g. {missing[0]})."
+        )
+    unknown = sorted(state.keys() - expected.keys() - tolerated)
+    if unknown:
+        raise CheckpointError(
+            f"{source} has {len(unknown)} weights that {variant} lacks (e.g. {unknown[0]})."
+        )
+    for key, shape in expected.items():
+        if state[key].shape != shape:
+            raise CheckpointError(
+                f"{source} does not fit {variant}: {key} has shape {tuple(state[key].shape)}, "
+                f"expected {tuple(shape)}."
+            )
+
+
+def save_model(model: nn.Module, uri: str) -> None:
+    """Write the full official-format state dict (loads strictly into the official package)."""
+    _save(model.state_dict(), uri)
+
+
+def save_hq_head(model: nn.Module, uri: str) -> None:
+    """Write only the HQ keys, under their official names."""
+    _save({key: value for key, value in model.state_dict().items() if is_hq_key(key)}, uri)
+
+
+def _save(state: StateDict, uri: str) -> None:
+    buffer = io.BytesIO()
+    torch.save({key: value.detach().cpu().contiguous() for key, value in state.items()}, buffer)
+    fs, path = fsspec.core.url_to_fs(uri)
+    parent = os.path.dirname(path)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    if isinstance(fs, LocalFileSystem):
+        # rename makes the file appear whole; object stores commit a PUT atomically already
+        temp = f"{path}.{uuid.uuid4().hex}.tmp"
+        with fs.open(temp, "wb") as handle:
+            handle.write(buffer.getvalue())
+        os.replace(temp, path)
+    else:
+        with fs.open(path, "wb") as handle:
+            handle.write(buffer.getvalue())
