@@ -121,22 +121,40 @@ def build_hqsam(
     HQ keys). Sources may be paths, fsspec URIs or zoo names. Without `checkpoint` the weights
     are random. A plain SAM checkpoint without `hq_head` is refused unless `allow_random_hq_head`.
     """
-    if variant not in MODEL_REGISTRY:
-        raise ValueError(f"Unknown model variant {variant!r}; choose one of {', '.join(VARIANTS)}.")
-    model = MODEL_REGISTRY[variant](variant)
+    model = _construct(variant)
     if checkpoint is not None:
-        base = read_state_dict(checkpoint)
-        head = read_state_dict(hq_head) if hq_head is not None else None
-        state, head_is_random = merge_checkpoint(model, base, head, checkpoint, hq_head, variant)
-        if head_is_random:
-            if not allow_random_hq_head:
-                raise CheckpointError(
-                    f"{checkpoint} is a plain SAM checkpoint without the HQ head; pass --hq-head FILE "
-                    f"(a head trained with `hqsam train`) or an HQ-SAM checkpoint such as sam_hq_{variant}."
-                )
-            log.warning("%s has no HQ head: the HQ head keeps random weights (testing only).", checkpoint)
-            state.update({k: v for k, v in model.state_dict().items() if k in hq_keys(model)})
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(_checked_state(model, checkpoint, hq_head, allow_random_hq_head), strict=True)
     elif hq_head is not None:
         raise ValueError("hq_head needs a base checkpoint.")
     return model.eval()
+
+
+def check_checkpoint(
+    variant: str, checkpoint: str, hq_head: str | None = None, *, allow_random_hq_head: bool = False
+) -> None:
+    """Raise CheckpointError unless build_hqsam would load these weights; allocates no model."""
+    with torch.device("meta"):
+        model = _construct(variant)
+    _checked_state(model, checkpoint, hq_head, allow_random_hq_head)
+
+
+def _construct(variant: str) -> HQSam:
+    if variant not in MODEL_REGISTRY:
+        raise ValueError(f"Unknown model variant {variant!r}; choose one of {', '.join(VARIANTS)}.")
+    return MODEL_REGISTRY[variant](variant)
+
+
+def _checked_state(model: HQSam, checkpoint: str, hq_head: str | None, allow_random_hq_head: bool) -> dict:
+    variant = model.variant
+    base = read_state_dict(checkpoint)
+    head = read_state_dict(hq_head) if hq_head is not None else None
+    state, head_is_random = merge_checkpoint(model, base, head, checkpoint, hq_head, variant)
+    if head_is_random:
+        if not allow_random_hq_head:
+            raise CheckpointError(
+                f"{checkpoint} is a plain SAM checkpoint without the HQ head; pass --hq-head FILE "
+                f"(a head trained with `hqsam train`) or an HQ-SAM checkpoint such as sam_hq_{variant}."
+            )
+        log.warning("%s has no HQ head: the HQ head keeps random weights (testing only).", checkpoint)
+        state.update({k: v for k, v in model.state_dict().items() if k in hq_keys(model)})
+    return state

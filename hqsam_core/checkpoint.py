@@ -35,17 +35,35 @@ def hq_keys(model: nn.Module) -> set[str]:
 def read_state_dict(source: str) -> StateDict:
     """Load a state dict from a path, fsspec URI or zoo name (tensors only: weights_only=True)."""
     path = fetch_checkpoint(source)
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"{source} is not a readable PyTorch checkpoint (the file is empty).")
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        try:  # mmap reads tensors lazily: checking a multi-GB file costs little memory
+            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # files in torch's legacy (non-zip) format cannot be mapped
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for corrupt or foreign files
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"{source} is not a readable PyTorch checkpoint ({reason[:200]}).") from None
+        raise CheckpointError(
+            f"{source} is not a readable PyTorch checkpoint ({_load_failure(error)})."
+        ) from None
     for wrapper in ("model", "state_dict"):
         if isinstance(loaded, dict) and isinstance(loaded.get(wrapper), dict) and len(loaded) <= 3:
             loaded = loaded[wrapper]
     if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
         raise CheckpointError(f"{source} does not hold a state dict of tensors.")
     return loaded
+
+
+def _load_failure(error: Exception) -> str:
+    text = " ".join(str(error).split())
+    if "Weights only load failed" in text:
+        # torch's own text leads with advice to retry with weights_only=False, i.e. to run the
+        # file's code; keep only its diagnosis.
+        detail = text.partition("WeightsUnpickler error:")[2].partition(" Check the documentation")[0]
+        text = f"holds data other than tensors, or is no PyTorch file: {detail.strip() or 'unsupported'}"
+    else:
+        text = text.partition(". ")[0]
+    return (f"{type(error).__name__}: {text}" if text else type(error).__name__)[:200]
 
 
 def detect_variant(state: StateDict) -> str | None:
@@ -82,6 +100,8 @@ def merge_checkpoint(
         raise CheckpointError(
             f"{base_source} has an incomplete HQ head ({len(missing)} keys missing, e.g. {missing[0]})."
         )
+    if base_hq:  # the HQ keys were only tolerated above: check their shapes too
+        _check_part({k: base[k] for k in hq}, {k: expected[k] for k in hq}, base_source, variant, set())
     state = dict(base)
     if head is not None:
         _check_part(head, {k: expected[k] for k in hq}, head_source or "hq_head", variant, set())

@@ -67,6 +67,11 @@ def mask_to_bbox(mask: np.ndarray) -> list[float]:
     return [float(v) for v in mask_utils.toBbox(rle)]
 
 
+def rle_bbox(rle: dict) -> list[float]:
+    """COCO XYWH box of a COCO RLE, as pycocotools toBbox computes it."""
+    return [float(v) for v in mask_utils.toBbox(_compressed(rle))]
+
+
 def rle_area(rle: dict) -> int:
     """Foreground pixel count of a COCO RLE (compressed or uncompressed)."""
     return int(mask_utils.area(_compressed(rle)))

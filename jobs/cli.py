@@ -33,6 +33,13 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+@app.callback()
+def main() -> None:
+    # A callback keeps `hqsam` a command group: without it Typer collapses a one-command app
+    # into that command, so `hqsam predict IMAGE` would read "predict" as the image.
+    pass
+
+
 @app.command()
 def predict(
     image: str = typer.Argument(
@@ -90,6 +97,187 @@ def predict(
             f"area {record['area']} px -> {record['mask']}"
         )
     typer.echo(f"overlay -> {out / (Path(image).stem + '_overlay.png')}")
+
+
+def parse_actors(text: str) -> tuple[int, int]:
+    """'2' -> (2, 2); '1:8' -> (1, 8)."""
+    try:
+        low, _, high = text.partition(":")
+        bounds = int(low), int(high or low)
+    except ValueError:
+        fail(f"--actors {text!r} is not MIN or MIN:MAX")
+    if bounds[0] < 1 or bounds[1] < bounds[0]:
+        fail(f"--actors {text!r} needs 1 <= MIN <= MAX (Ray actor pools cannot scale to zero)")
+    return bounds
+
+
+@app.command()
+def refine(
+    annotations: str = typer.Argument(
+        ...,
+        help="COCO instances JSON, or a Parquet manifest (schemas/manifest.py), local or on object storage.",
+    ),
+    images: str | None = typer.Option(
+        None,
+        "--images",
+        help="Root that file_name / image_uri are relative to (default: the annotation file's folder).",
+    ),
+    out: str = typer.Option(..., "--out", help="Output folder or URI (local, s3://, gs://)."),
+    format: str = typer.Option(
+        "parquet", "--format", help="parquet: OUT/part-*.parquet; coco: those plus OUT/annotations.json."
+    ),
+    model: str = typer.Option("vit_tiny", "--model", help=MODEL_HELP),
+    checkpoint: str | None = typer.Option(None, "--checkpoint", help=CHECKPOINT_HELP),
+    hq_head: str | None = typer.Option(
+        None, "--hq-head", help="HQ head file to combine with a plain SAM checkpoint."
+    ),
+    device: str | None = typer.Option(None, "--device", help="cpu or cuda (default: cuda when present)."),
+    batch_size: int = typer.Option(
+        4, "--batch-size", min=1, help="Images per refine call (all their boxes go along)."
+    ),
+    actors: str = typer.Option(
+        "1",
+        "--actors",
+        help="Refiner actors MIN[:MAX]; with MAX > MIN a cluster autoscaler may add GPU nodes.",
+    ),
+    hq_token_only: bool = typer.Option(
+        False, "--hq-token-only/--no-hq-token-only", help="HQ logits alone, not SAM+HQ."
+    ),
+    box_source: str = typer.Option(
+        "bbox",
+        "--box-source",
+        help="Prompt from the COCO bbox, or from the tight box of the existing segmentation.",
+    ),
+    max_prompts: int = typer.Option(
+        64, "--max-prompts", min=1, help="Boxes per decoder call: bounds decoder memory."
+    ),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="Torch threads per actor on CPU."),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue a run: skip images already written to OUT."
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Delete hqsam's files in OUT and start over."),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="Refine only the first N images."),
+    max_error_rate: float = typer.Option(
+        0.01,
+        "--max-error-rate",
+        min=0.0,
+        max=1.0,
+        help="Exit 1 when more than this share of annotations failed.",
+    ),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Refine every annotation of a dataset with box-prompted HQ-SAM; one output row per input annotation.
+
+    Every annotation ends as exactly one row with a status: ok, image_missing, image_unreadable,
+    image_size_mismatch, invalid_box, crowd_skipped or inference_failed. A summary is printed and
+    written to OUT/summary.json.
+    """
+    from hqsam_core import CheckpointError
+    from hqsam_core.zoo import CheckpointSourceError
+    from jobs.refine import OutputNotEmptyError, RefineConfig, exit_code, run_refine
+    from pipeline.manifest import ManifestError
+    from pipeline.refine_pipeline import RefineSettings
+
+    if model not in VARIANTS:
+        fail(f"unknown --model {model!r}; choose one of {', '.join(VARIANTS)}")
+    if format not in ("parquet", "coco"):
+        fail(f"--format must be parquet or coco, not {format!r}")
+    if box_source not in ("bbox", "segmentation"):
+        fail(f"--box-source must be bbox or segmentation, not {box_source!r}")
+    if resume and overwrite:
+        fail("--resume and --overwrite exclude each other")
+    min_actors, max_actors = parse_actors(actors)
+    settings = RefineSettings(
+        variant=model,
+        checkpoint=checkpoint or f"sam_hq_{model}",
+        hq_head=hq_head,
+        device=device or default_device(),
+        batch_size=batch_size,
+        min_actors=min_actors,
+        max_actors=max_actors,
+        hq_token_only=hq_token_only,
+        box_source=box_source,
+        max_prompts=max_prompts,
+        torch_threads=threads,
+    )
+    config = RefineConfig(
+        annotations=annotations,
+        out=out,
+        images=images,
+        format=format,
+        settings=settings,
+        resume=resume,
+        overwrite=overwrite,
+        limit=limit,
+        max_error_rate=max_error_rate,
+    )
+    try:
+        summary = run_refine(config, progress=progress)
+    except (CheckpointError, CheckpointSourceError, ManifestError, OutputNotEmptyError) as error:
+        fail(str(error))
+    print_summary(summary)
+    raise typer.Exit(exit_code(summary))
+
+
+def print_summary(summary: dict) -> None:
+    rows = [
+        ("annotations", summary["annotations_total"]),
+        ("refined ok", summary["annotations_ok"]),
+        *((f"  {status}", n) for status, n in summary["errors"].items()),
+        ("images", summary["images_total"]),
+        ("images resumed", summary["images_resumed"]),
+        ("wall time", f"{summary['wall_time_s']:.1f} s"),
+        ("throughput", f"{summary['annotations_per_s']} ann/s, {summary['images_per_s']} img/s"),
+        ("error rate", f"{summary['error_rate']:.4f} (max {summary['max_error_rate']})"),
+        ("summary", f"{summary['out'].rstrip('/')}/summary.json"),
+    ]
+    width = max(len(label) for label, _ in rows)
+    for label, value in rows:
+        typer.echo(f"{label:<{width}}  {value}")
+    if not summary["complete"]:
+        typer.secho(
+            f"{summary['annotations_total'] - summary['annotations_written']} annotations have no output row",
+            err=True,
+            fg=typer.colors.RED,
+        )
+
+
+@app.command()
+def preview(
+    out: str = typer.Argument(..., help="The --out of `hqsam refine` (local, s3://, gs://)."),
+    to: str = typer.Option(..., "--to", help="Folder for panel_<annotation_id>.png and index.html."),
+    images: str | None = typer.Option(
+        None,
+        "--images",
+        help="Root the images moved to. With --annotations: ROOT/file_name, as `refine --images ROOT`. "
+        "Without: ROOT joined with the last 4, 3, 2 or 1 path parts of the run's image_uri, the first "
+        "that exists. Default: the image_uri the run read.",
+    ),
+    annotations: str | None = typer.Option(
+        None,
+        "--annotations",
+        help="The run's input (COCO JSON or Parquet manifest), for the original masks and boxes; "
+        "without it the panels show the refined outline only.",
+    ),
+    n: int = typer.Option(24, "--n", min=1, help="Number of panels."),
+    worst: bool = typer.Option(
+        False,
+        "--worst",
+        help="Show the N largest changes (lowest iou_vs_original) instead of a spread over the whole range.",
+    ),
+) -> None:
+    """Render PNG panels of image, original (orange) and refined (cyan) outline, and an index.html grid.
+
+    Only ok rows are shown, sorted by iou_vs_original ascending (largest change first); rows without
+    an original mask come last. An image that cannot be read is skipped with a note in index.html.
+    """
+    from jobs.preview import PreviewError, run_preview
+
+    try:
+        result = run_preview(out, to, images=images, annotations=annotations, n=n, worst=worst)
+    except PreviewError as error:
+        fail(str(error))
+    typer.echo(f"{len(result.written)} panels, {len(result.skipped)} skipped -> {result.index}")
 
 
 if __name__ == "__main__":

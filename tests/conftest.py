@@ -35,3 +35,72 @@ def randomize_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
             else:
                 tensor.add_(noise)
     return model
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole test session."""
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            object_store_memory=512 * 2**20,
+            log_to_driver=False,
+            configure_logging=False,
+        )
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 API (moto's server) on 127.0.0.1 with test credentials in the environment."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    saved = {k: os.environ.get(k) for k in _S3_ENV}
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_ENDPOINT_URL=endpoint,
+    )
+    yield endpoint
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+_S3_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")
+
+
+@pytest.fixture()
+def s3_bucket(s3_endpoint):
+    """A fresh bucket; yields its name."""
+    import uuid
+
+    import s3fs
+
+    name = f"hqsam-{uuid.uuid4().hex[:12]}"
+    fs = s3fs.S3FileSystem()
+    fs.mkdir(name)
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield name
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A random-weights vit_tiny checkpoint in the official format, written by the test session."""
+    from hqsam_core import build_hqsam, save_model
+
+    path = tmp_path_factory.mktemp("weights") / "hqsam_vit_tiny_random.pth"
+    save_model(randomize_(build_hqsam("vit_tiny"), seed=1234), str(path))
+    return path

@@ -63,7 +63,9 @@ def test_batched_refiner_equals_official_predictor(variant: str, images_used: in
                     multimask_output=multi,
                     hq_token_only=hq_only,
                 )
-                expected[(hq_only, multi)].append((masks[:, 0].numpy(), scores[:, 0].numpy(), logits[:, 0].numpy()))
+                expected[(hq_only, multi)].append(
+                    (masks[:, 0].numpy(), scores[:, 0].numpy(), logits[:, 0].numpy())
+                )
 
     for hq_only, multi in COMBINATIONS:
         results = refiner.refine(images, boxes, hq_token_only=hq_only, multimask_output=multi)

@@ -1,0 +1,65 @@
+"""The refinement dataflow: source -> read -> decode -> refine -> encode -> Parquet parts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+import ray
+
+from pipeline.decode_images import DecodeImages
+from pipeline.encode_masks import encode_masks
+from pipeline.read_images import read_image_bytes
+from pipeline.refine_masks import RefineMasks
+from pipeline.write_parquet import WriteParquetParts
+
+# Host memory a refine actor needs (weights, activations); asking for it also keeps Ray from
+# fusing the IO and decode stages into the refine actor.
+ACTOR_MEMORY_GIB = {"vit_tiny": 1, "vit_b": 2, "vit_l": 4, "vit_h": 6}
+
+
+@dataclass(frozen=True)
+class RefineSettings:
+    variant: str
+    checkpoint: str
+    hq_head: str | None
+    device: str
+    batch_size: int = 4  # images per refine call
+    min_actors: int = 1
+    max_actors: int = 1
+    hq_token_only: bool = False
+    box_source: str = "bbox"
+    max_prompts: int = 64
+    torch_threads: int | None = None  # CPU actors: threads per actor
+    images_per_file: int = 512
+
+
+def build_refine_dataset(tasks: pa.Table, out: str, settings: RefineSettings) -> ray.data.Dataset:
+    """A lazy dataset whose rows are (image_id, statuses) for each image written to OUT."""
+    block_rows = max(settings.batch_size, 8)
+    blocks = [tasks.slice(start, block_rows) for start in range(0, tasks.num_rows, block_rows)]
+    return (
+        ray.data.from_arrow(blocks or [tasks])
+        .map(read_image_bytes)
+        .map(DecodeImages(settings.box_source))
+        .map_batches(
+            RefineMasks,
+            fn_constructor_args=(settings.variant, settings.checkpoint, settings.hq_head, settings.device),
+            fn_constructor_kwargs={
+                "max_prompts": settings.max_prompts,
+                "hq_token_only": settings.hq_token_only,
+                "torch_threads": settings.torch_threads,
+            },
+            batch_size=settings.batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(min_size=settings.min_actors, max_size=settings.max_actors),
+            num_gpus=1 if settings.device.startswith("cuda") else 0,
+            memory=ACTOR_MEMORY_GIB[settings.variant] * 2**30,
+        )
+        .map(encode_masks)
+        .map_batches(
+            WriteParquetParts(out, settings.variant),
+            batch_size=settings.images_per_file,
+            batch_format="numpy",
+        )
+    )

@@ -1,0 +1,77 @@
+"""Sink: the input COCO file with refined segmentations, streamed out annotation by annotation."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import orjson
+
+from pipeline import storage
+from pipeline.write_parquet import read_parts
+
+RESULT_COLUMNS = [
+    "image_id",
+    "annotation_id",
+    "bbox",
+    "area",
+    "segmentation",
+    "score",
+    "iou_vs_original",
+    "status",
+    "error",
+]
+
+
+def write_coco(annotations_uri: str, out: str, *, only_processed_images: bool = False) -> str:
+    """Write OUT/annotations.json from the input file and OUT's part files; returns its URI.
+
+    Refined annotations get the new RLE, with `area` and `bbox` taken from it, and an `hqsam`
+    object; failed ones keep their original segmentation. Unknown fields are kept.
+    """
+    results = read_parts(out, RESULT_COLUMNS).to_pydict()
+    position = {annotation_id: i for i, annotation_id in enumerate(results["annotation_id"])}
+    coco = orjson.loads(storage.read_bytes(annotations_uri))
+    processed = set(results["image_id"]) if only_processed_images else None
+
+    uri = f"{out.rstrip('/')}/annotations.json"
+    fs, path = storage.url_to_fs(uri)
+    target = (
+        f"{os.path.dirname(path)}/.annotations.json.{uuid.uuid4().hex}.tmp" if storage.is_local(fs) else path
+    )
+    with fs.open(target, "wb") as handle:
+        handle.write(b"{")
+        for key, value in coco.items():
+            if key == "annotations":
+                continue
+            if key == "images" and processed is not None:
+                value = [image for image in value if image.get("id") in processed]
+            handle.write(orjson.dumps(key) + b":" + orjson.dumps(value) + b",")
+        handle.write(b'"annotations":[')
+        first = True
+        for annotation in coco.get("annotations") or []:
+            i = position.get(annotation.get("id"))
+            if i is None and processed is not None:
+                continue
+            if i is not None:
+                _apply(annotation, results, i)
+            handle.write((b"" if first else b",\n") + orjson.dumps(annotation))
+            first = False
+        handle.write(b"]}\n")
+    if storage.is_local(fs):
+        os.replace(target, path)
+    return uri
+
+
+def _apply(annotation: dict, results: dict, i: int) -> None:
+    status = results["status"][i]
+    if status == "ok":
+        annotation["segmentation"] = results["segmentation"][i]
+        annotation["area"] = results["area"][i]
+        annotation["bbox"] = results["bbox"][i]
+    annotation["hqsam"] = {
+        "score": results["score"][i],
+        "status": status,
+        "error": results["error"][i],
+        "iou_vs_original": results["iou_vs_original"][i],
+    }

@@ -1,0 +1,105 @@
+"""Sink: one Parquet part file per batch of images, one row per annotation, written atomically.
+
+A part holds whole images only, so the set of image ids in OUT tells a resumed run what is done.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import uuid
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import storage
+from schemas.refined import REFINED_ANNOTATION
+
+PART_PREFIX = "part-"
+
+
+class WriteParquetParts:
+    """Writes each batch of encoded image rows as OUT/part-<uuid>.parquet; returns per-image statuses."""
+
+    def __init__(self, out: str, model: str) -> None:
+        self.out = out.rstrip("/")
+        self.model = model
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        table = pa.Table.from_pylist(list(self._rows(batch)), schema=REFINED_ANNOTATION)
+        write_atomically(f"{self.out}/{PART_PREFIX}{uuid.uuid4().hex}.parquet", table)
+        statuses = np.empty(len(batch["image_id"]), dtype=object)
+        statuses[:] = [list(s) for s in batch["statuses"]]
+        return {"image_id": batch["image_id"], "statuses": statuses}
+
+    def _rows(self, batch):
+        for i, image_id in enumerate(batch["image_id"]):
+            height, width = batch["height"][i], batch["width"][i]
+            for k, annotation_id in enumerate(batch["ann_ids"][i]):
+                ok = batch["statuses"][i][k] == "ok"
+                rle = {"size": [int(height), int(width)], "counts": batch["rle_counts"][i][k]}
+                yield {
+                    "image_id": int(image_id),
+                    "image_uri": batch["image_uri"][i],
+                    "annotation_id": int(annotation_id),
+                    "category_id": _int_or_none(batch["category_ids"][i][k]),
+                    "bbox": [float(v) for v in batch["refined_bboxes"][i][k]] if ok else None,
+                    "area": int(batch["areas"][i][k]) if ok else None,
+                    "segmentation": rle if ok else None,
+                    "score": _float_or_none(batch["scores"][i][k]),
+                    "iou_vs_original": _float_or_none(batch["ious"][i][k]),
+                    "boundary_iou_vs_original": _float_or_none(batch["boundary_ious"][i][k]),
+                    "status": batch["statuses"][i][k],
+                    "error": batch["errors"][i][k] or None,
+                    "model": self.model,
+                }
+
+
+def write_atomically(uri: str, table: pa.Table) -> None:
+    """Write a zstd Parquet file that readers see whole or not at all."""
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd")
+    fs, path = storage.url_to_fs(uri)
+    if storage.is_local(fs):
+        directory, name = os.path.split(path)
+        os.makedirs(directory, exist_ok=True)
+        temp = os.path.join(directory, f".{name}.tmp")  # dot-files are invisible to Parquet readers
+        with open(temp, "wb") as handle:
+            handle.write(buffer.getvalue())
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    else:
+        with fs.open(path, "wb") as handle:  # an object store commits the upload on close
+            handle.write(buffer.getvalue())
+
+
+def part_files(out: str) -> list[str]:
+    """URIs of the complete part files in OUT."""
+    fs, path = storage.url_to_fs(out)
+    if not fs.exists(path):
+        return []
+    names = fs.glob(f"{path.rstrip('/')}/{PART_PREFIX}*.parquet")
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return sorted(name if storage.is_local(fs) else f"{protocol}://{name}" for name in names)
+
+
+def read_parts(out: str, columns: list[str]) -> pa.Table:
+    """The given columns of every part file in OUT, as one table."""
+    tables = []
+    for uri in part_files(out):
+        fs, path = storage.url_to_fs(uri)
+        tables.append(pq.read_table(path, columns=columns, filesystem=fs))
+    if not tables:
+        return REFINED_ANNOTATION.empty_table().select(columns)
+    return pa.concat_tables(tables)
+
+
+def _int_or_none(value) -> int | None:
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else int(value)
+
+
+def _float_or_none(value) -> float | None:
+    return None if value is None or math.isnan(value) else float(value)
