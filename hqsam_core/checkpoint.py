@@ -104,6 +104,12 @@ def merge_checkpoint(
         _check_part({k: base[k] for k in hq}, {k: expected[k] for k in hq}, base_source, variant, set())
     state = dict(base)
     if head is not None:
+        foreign = sorted(key for key in head if not is_hq_key(key))
+        if foreign:
+            raise CheckpointError(
+                f"{head_source} is not an HQ-head file: it holds {len(foreign)} weights outside the HQ head "
+                f"(e.g. {foreign[0]}); pass a full HQ-SAM file as --checkpoint instead."
+            )
         _check_part(head, {k: expected[k] for k in hq}, head_source or "hq_head", variant, set())
         state.update(head)
     return state, not (hq <= state.keys())

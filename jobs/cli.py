@@ -152,6 +152,9 @@ def refine(
         64, "--max-prompts", min=1, help="Boxes per decoder call: bounds decoder memory."
     ),
     threads: int | None = typer.Option(None, "--threads", min=1, help="Torch threads per actor on CPU."),
+    images_per_file: int = typer.Option(
+        512, "--images-per-file", min=1, hidden=True, help="Images per Parquet part file."
+    ),
     resume: bool = typer.Option(
         False, "--resume", help="Continue a run: skip images already written to OUT."
     ),
@@ -199,6 +202,7 @@ def refine(
         box_source=box_source,
         max_prompts=max_prompts,
         torch_threads=threads,
+        images_per_file=images_per_file,
     )
     config = RefineConfig(
         annotations=annotations,

@@ -23,9 +23,13 @@ def shared_fixture(name: str) -> Path:
 
 
 def randomize_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Give every weight a deterministic random value so that no test passes on default init."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
+    """Deterministic random weights (default-init scale plus noise), so no test passes on default init."""
+    with torch.random.fork_rng(), torch.no_grad():
+        torch.manual_seed(seed)
+        for module in model.modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+        generator = torch.Generator().manual_seed(seed)
         for name, tensor in model.state_dict().items():
             if not tensor.is_floating_point():
                 continue

@@ -42,7 +42,7 @@ def _official(variant: str, state: dict):
 # vit_tiny checks the multi-image batch (prompts of two images in one decoder chunk).
 @pytest.mark.parametrize(("variant", "images_used"), [("vit_tiny", 3), ("vit_b", 2)])
 def test_batched_refiner_equals_official_predictor(variant: str, images_used: int) -> None:
-    model = randomize_(build_hqsam(variant), seed=7)
+    model = randomize_(build_hqsam(variant), seed=4)  # a seed whose masks cover ~60% of the images
     predictor = _official(variant, model.state_dict())
     refiner = BoxRefiner(model, max_prompts=2)  # several decoder chunks spanning images
     images, boxes = _images_and_boxes(seed=3)
