@@ -13,7 +13,6 @@ def encode_masks(row: dict) -> dict:
     """Replace `packed_masks` with `rles` (str counts), `refined_bboxes`, `areas`, `ious`, `boundary_ious`."""
     packed = row.pop("packed_masks")
     count = len(packed)
-    height, width = int(row["height"] or 0), int(row["width"] or 0)
     row["rle_counts"] = [""] * count
     row["refined_bboxes"] = np.full((count, 4), np.nan)
     row["areas"] = np.full(count, -1, np.int64)
@@ -22,6 +21,9 @@ def encode_masks(row: dict) -> dict:
     ok = [k for k in range(count) if row["statuses"][k] == "ok"]
     if not ok:
         return row
+    # Only decoded images have a size here: a row without an image record carries NaN
+    # (Ray's numpy batches turn a null int into NaN), which must not reach int().
+    height, width = int(row["height"]), int(row["width"])
     refined = np.stack([_unpack(packed[k], height, width) for k in ok])
     for k, rle in zip(ok, encode_rles(refined)):
         row["rle_counts"][k] = rle["counts"]

@@ -39,7 +39,8 @@ class WriteParquetParts:
             height, width = batch["height"][i], batch["width"][i]
             for k, annotation_id in enumerate(batch["ann_ids"][i]):
                 ok = batch["statuses"][i][k] == "ok"
-                rle = {"size": [int(height), int(width)], "counts": batch["rle_counts"][i][k]}
+                # Sizes only for ok rows: without an image record they are NaN (null ints in numpy).
+                rle = {"size": [int(height), int(width)], "counts": batch["rle_counts"][i][k]} if ok else None
                 yield {
                     "image_id": int(image_id),
                     "image_uri": batch["image_uri"][i],
@@ -47,7 +48,7 @@ class WriteParquetParts:
                     "category_id": _int_or_none(batch["category_ids"][i][k]),
                     "bbox": [float(v) for v in batch["refined_bboxes"][i][k]] if ok else None,
                     "area": int(batch["areas"][i][k]) if ok else None,
-                    "segmentation": rle if ok else None,
+                    "segmentation": rle,
                     "score": _float_or_none(batch["scores"][i][k]),
                     "iou_vs_original": _float_or_none(batch["ious"][i][k]),
                     "boundary_iou_vs_original": _float_or_none(batch["boundary_ious"][i][k]),
