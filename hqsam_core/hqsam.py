@@ -43,6 +43,11 @@ class HQSam(Sam):
 
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Preprocessed (B, 3, 1024, 1024) -> embeddings (B, 256, 64, 64), HQ features (B, 32, 256, 256)."""
+        embeddings, early = self.image_features(images)
+        return embeddings, self.mask_decoder.hq_features(embeddings, early)
+
+    def image_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The frozen encoder's outputs: embeddings (B, 256, 64, 64) and the early feature (B, C, 64, 64)."""
         captured: list[torch.Tensor] = []
         layer = self.image_encoder.get_submodule(self.early_layer)
         handle = layer.register_forward_hook(lambda _module, _inputs, output: captured.append(output))
@@ -50,8 +55,7 @@ class HQSam(Sam):
             embeddings = self.image_encoder(images)
         finally:
             handle.remove()
-        early = self._early_to_nchw(captured[0])
-        return embeddings, self.mask_decoder.hq_features(embeddings, early)
+        return embeddings, self._early_to_nchw(captured[0])
 
     def forward(self, *args, **kwargs):  # noqa: D102
         raise TypeError("HQSam has no single forward; use hqsam_core.BoxRefiner (encode + decode).")
