@@ -15,7 +15,7 @@ from pipeline.write_parquet import WriteParquetParts
 
 # Host memory a refine actor needs (weights, activations); asking for it also keeps Ray from
 # fusing the IO and decode stages into the refine actor.
-ACTOR_MEMORY_GIB = {"vit_tiny": 1, "vit_b": 2, "vit_l": 4, "vit_h": 6}
+ACTOR_MEMORY_GIB = {"vit_tiny": 2, "vit_b": 3, "vit_l": 5, "vit_h": 8}
 
 
 @dataclass(frozen=True)

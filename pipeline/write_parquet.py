@@ -5,10 +5,10 @@ A part holds whole images only, so the set of image ids in OUT tells a resumed r
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import os
-import uuid
 
 import numpy as np
 import pyarrow as pa
@@ -21,7 +21,7 @@ PART_PREFIX = "part-"
 
 
 class WriteParquetParts:
-    """Writes each batch of encoded image rows as OUT/part-<uuid>.parquet; returns per-image statuses."""
+    """Writes each batch of encoded image rows as OUT/part-<hash>.parquet; returns per-image statuses."""
 
     def __init__(self, out: str, model: str) -> None:
         self.out = out.rstrip("/")
@@ -29,7 +29,10 @@ class WriteParquetParts:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         table = pa.Table.from_pylist(list(self._rows(batch)), schema=REFINED_ANNOTATION)
-        write_atomically(f"{self.out}/{PART_PREFIX}{uuid.uuid4().hex}.parquet", table)
+        # Named after its images, not at random: Ray reruns a task whose worker died (max_retries=-1),
+        # and the rerun must replace a part it had already written, not add a second copy of its rows.
+        name = hashlib.sha256(np.asarray(batch["image_id"], np.int64).tobytes()).hexdigest()[:32]
+        write_atomically(f"{self.out}/{PART_PREFIX}{name}.parquet", table)
         statuses = np.empty(len(batch["image_id"]), dtype=object)
         statuses[:] = [list(s) for s in batch["statuses"]]
         return {"image_id": batch["image_id"], "statuses": statuses}

@@ -1,0 +1,182 @@
+"""Resume after a real kill: `hqsam refine` SIGKILLed mid-run, then --resume, ends with an
+uninterrupted run's rows - every annotation exactly once, same statuses, same masks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from hqsam_core import build_hqsam, save_model
+from jobs.cli import app
+from jobs.refine import RefineConfig, run_refine
+from pipeline.refine_pipeline import RefineSettings
+from tests.conftest import ROOT, randomize_
+
+IMAGES = 10  # Ray blocks hold 8 images: parts appear after the 8th, the run ends after the 10th
+BATCH, PER_FILE = 2, 2
+
+
+def write_dataset(root: Path) -> Path:
+    """IMAGES small PNGs, two annotations each (one with a polygon), and their COCO file."""
+    root.mkdir()
+    rng = np.random.default_rng(5)
+    images, annotations = [], []
+    for image_id in range(IMAGES):
+        base = rng.integers(0, 256, size=(6, 8, 3), dtype=np.uint8)
+        Image.fromarray(np.kron(base, np.ones((8, 8, 1), np.uint8))).save(root / f"{image_id}.png")
+        images.append({"id": image_id, "file_name": f"{image_id}.png", "width": 64, "height": 48})
+        polygon = [[4.0, 4.0, 34.0, 4.0, 30.0, 26.0, 6.0, 22.0]]
+        annotations += [
+            {"id": 2 * image_id, "image_id": image_id, "category_id": 1, "bbox": [4, 4, 30, 22]}
+            | {"segmentation": polygon, "iscrowd": 0},
+            {"id": 2 * image_id + 1, "image_id": image_id, "category_id": 1, "bbox": [30, 20, 50, 40]}
+            | {"iscrowd": int(image_id % 5 == 0)},  # a few crowd rows, and boxes partly outside
+        ]
+    path = root / "coco.json"
+    path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": [{"id": 1}]}))
+    return path
+
+
+def rows_by_id(out: Path) -> dict[int, dict]:
+    tables = [pq.read_table(p) for p in sorted(out.glob("part-*.parquet"))]
+    rows = pa.concat_tables(tables).to_pylist() if tables else []
+    ids = [row["annotation_id"] for row in rows]
+    assert len(ids) == len(set(ids)), "an annotation has more than one row"
+    return {row["annotation_id"]: row for row in rows}
+
+
+def same_rows(got: dict[int, dict], want: dict[int, dict]) -> None:
+    assert sorted(got) == sorted(want) == list(range(2 * IMAGES))
+    for ann_id, row in want.items():
+        other = got[ann_id]
+        for key in ("image_id", "status", "error", "segmentation", "bbox", "area", "category_id"):
+            assert other[key] == row[key], (ann_id, key)
+        for key in ("score", "iou_vs_original", "boundary_iou_vs_original"):
+            assert (other[key] is None) == (row[key] is None), (ann_id, key)
+            if row[key] is not None:
+                assert other[key] == pytest.approx(row[key], abs=1e-5), (ann_id, key)
+
+
+def session_members(session: int) -> list[int]:
+    """Pids of the live processes in a session (Ray workers leave the process group, not the session)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[3]) == session and fields[0] != "Z":
+            pids.append(int(entry.name))
+    return pids
+
+
+def kill_session(process: subprocess.Popen) -> None:
+    """SIGKILL the command's process group and every other process of its session: a lost node."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for pid in session_members(process.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    process.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while session_members(process.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not session_members(process.pid)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Random vit_tiny weights whose masks on these small images are neither empty nor full."""
+    path = tmp_path_factory.mktemp("ckpt") / "tiny_seed5.pth"
+    save_model(randomize_(build_hqsam("vit_tiny"), seed=5), str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ray_session, checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("resume")
+    path = write_dataset(root / "data")
+    out = root / "uninterrupted"
+    settings = RefineSettings(
+        "vit_tiny", str(checkpoint), None, "cpu", BATCH, images_per_file=PER_FILE, torch_threads=1
+    )
+    summary = run_refine(RefineConfig(str(path), str(out), settings=settings), progress=False)
+    assert summary["complete"] and summary["images_resumed"] == 0
+    return path, out
+
+
+def test_killed_run_resumes_to_the_uninterrupted_rows(uninterrupted, checkpoint: Path, tmp_path) -> None:
+    path, reference = uninterrupted
+    want = rows_by_id(reference)
+    assert {row["status"] for row in want.values()} == {"ok", "crowd_skipped"}
+    assert any(0 < row["area"] < 64 * 48 for row in want.values() if row["status"] == "ok")
+
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "jobs.cli", "refine", str(path), "--out", str(out)]
+    command += ["--checkpoint", str(checkpoint), "--device", "cpu", "--no-progress"]
+    command += ["--batch-size", str(BATCH), "--images-per-file", str(PER_FILE), "--threads", "1"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_AUTH_MODE"] = "disabled"
+    log = tmp_path / "killed.log"
+    with open(log, "wb") as sink:
+        process = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + 400
+        while not list(out.glob("part-*.parquet")):
+            assert process.poll() is None, f"the run ended before writing a part:\n{log.read_text()}"
+            assert time.monotonic() < deadline, "no part file after 400 s"
+            time.sleep(0.02)
+        assert process.poll() is None, "the run finished before the kill"
+    finally:
+        kill_session(process)
+    assert process.returncode == -signal.SIGKILL
+    assert not (out / "summary.json").exists()
+    partial = rows_by_id(out)
+    assert 0 < len(partial) < 2 * IMAGES
+    # What a kill in the middle of a write leaves behind: a temp file readers must ignore.
+    (out / ".part-0123456789abcdef.parquet.tmp").write_bytes(b"PAR1 half a file")
+
+    result = CliRunner().invoke(
+        app,
+        ["refine", str(path), "--out", str(out), "--checkpoint", str(checkpoint)]
+        + ["--device", "cpu", "--no-progress", "--resume", "--batch-size", str(BATCH), "--threads", "1"],
+    )
+    assert result.exit_code == 0, (result.output, result.stderr, result.exception)
+    summary = json.loads((out / "summary.json").read_text())
+    done_images = len({row["image_id"] for row in partial.values()})
+    assert summary["images_resumed"] == done_images > 0
+    assert summary["annotations_total"] == summary["annotations_written"] == 2 * IMAGES
+    assert summary["complete"]
+    same_rows(rows_by_id(out), want)
+
+
+def test_resume_of_a_finished_run_refines_nothing(uninterrupted, checkpoint: Path) -> None:
+    path, out = uninterrupted
+    before = {p.name: p.read_bytes() for p in out.glob("part-*.parquet")}
+    rows = rows_by_id(out)
+    settings = RefineSettings("vit_tiny", str(checkpoint), None, "cpu", batch_size=BATCH)
+    summary = run_refine(RefineConfig(str(path), str(out), settings=settings, resume=True), progress=False)
+    assert summary["images_resumed"] == summary["images_total"] == IMAGES
+    assert summary["annotations_per_s"] == 0 and summary["complete"]
+    assert {p.name: p.read_bytes() for p in out.glob("part-*.parquet")} == before
+    same_rows(rows_by_id(out), rows)
