@@ -1,20 +1,31 @@
-"""HQ-SAM core: the model, checkpoints, batched box refinement and mask maths (no Ray here)."""
+"""HQ-SAM core: the model, checkpoints, batched box refinement and mask maths (no Ray here).
 
-from hqsam_core.build import MODEL_REGISTRY, VARIANTS, build_hqsam
-from hqsam_core.checkpoint import CheckpointError, read_state_dict, save_hq_head, save_model
-from hqsam_core.hqsam import HQSam
-from hqsam_core.refiner import BoxRefiner, EncodedImages, Refinement
+Names are imported on first use, so `import hqsam_core.variants` (e.g. for a CLI's --help) does not
+load torch.
+"""
 
-__all__ = [
-    "MODEL_REGISTRY",
-    "VARIANTS",
-    "BoxRefiner",
-    "CheckpointError",
-    "EncodedImages",
-    "HQSam",
-    "Refinement",
-    "build_hqsam",
-    "read_state_dict",
-    "save_hq_head",
-    "save_model",
-]
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "MODEL_REGISTRY": "hqsam_core.build",
+    "build_hqsam": "hqsam_core.build",
+    "CheckpointError": "hqsam_core.checkpoint",
+    "read_state_dict": "hqsam_core.checkpoint",
+    "save_hq_head": "hqsam_core.checkpoint",
+    "save_model": "hqsam_core.checkpoint",
+    "HQSam": "hqsam_core.hqsam",
+    "BoxRefiner": "hqsam_core.refiner",
+    "EncodedImages": "hqsam_core.refiner",
+    "Refinement": "hqsam_core.refiner",
+    "VARIANTS": "hqsam_core.variants",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'hqsam_core' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -11,9 +11,11 @@ import torch
 from segment_anything.modeling import ImageEncoderViT, PromptEncoder, TwoWayTransformer
 
 from hqsam_core.checkpoint import CheckpointError, hq_keys, merge_checkpoint, read_state_dict
+from hqsam_core.fast_attention import ATTENTION_KINDS, set_attention
 from hqsam_core.hqsam import HQSam
 from hqsam_core.mask_decoder_hq import MaskDecoderHQ
 from hqsam_core.tiny_vit import TinyViT, early_feature_to_nchw
+from hqsam_core.variants import VARIANTS
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +107,7 @@ MODEL_REGISTRY: dict[str, Callable[[str], HQSam]] = {
     "vit_h": _build_vit,
     "vit_tiny": _build_vit_tiny,
 }
-VARIANTS = tuple(MODEL_REGISTRY)
+assert tuple(MODEL_REGISTRY) == VARIANTS
 
 
 def build_hqsam(
@@ -114,14 +116,21 @@ def build_hqsam(
     hq_head: str | None = None,
     *,
     allow_random_hq_head: bool = False,
+    attention: str = "sam",
 ) -> HQSam:
     """Build an HQ-SAM model in eval mode, loading official-format weights when given.
 
     `checkpoint` is an HQ-SAM checkpoint, or a plain SAM one together with `hq_head` (a file of
     HQ keys). Sources may be paths, fsspec URIs or zoo names. Without `checkpoint` the weights
     are random. A plain SAM checkpoint without `hq_head` is refused unless `allow_random_hq_head`.
+    `attention` is "sam" (SAM's own attention modules: the official computation) or "sdpa"
+    (`hqsam_core.fast_attention.FusedAttention`: same parameters and keys, fused kernels); it
+    concerns SAM ViT encoders only (vit_tiny's TinyViT keeps its own attention).
     """
+    if attention not in ATTENTION_KINDS:
+        raise ValueError(f"attention must be one of {', '.join(ATTENTION_KINDS)}, got {attention!r}")
     model = _construct(variant)
+    set_attention(model.image_encoder, attention)
     if checkpoint is not None:
         model.load_state_dict(_checked_state(model, checkpoint, hq_head, allow_random_hq_head), strict=True)
     elif hq_head is not None:
