@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -50,6 +52,7 @@ def run_refine(config: RefineConfig, *, progress: bool = True) -> dict:
     import ray
 
     started = time.time()
+    config = _with_absolute_paths(config)
     settings = config.settings
     _prepare_out(config)
     checkpoint_path = fetch_checkpoint(settings.checkpoint)
@@ -68,8 +71,9 @@ def run_refine(config: RefineConfig, *, progress: bool = True) -> dict:
         if not ray.is_initialized():
             ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
-        dataset = build_refine_dataset(remaining, config.out, settings)
-        _consume(dataset, refining, progress)
+        with _requested_resources(settings):
+            dataset = build_refine_dataset(remaining, config.out, settings)
+            _consume(dataset, refining, progress)
 
     written = read_parts(config.out, ["image_id", "status"])
     counts = Counter(written["status"].to_pylist())
@@ -105,6 +109,60 @@ def run_refine(config: RefineConfig, *, progress: bool = True) -> dict:
 def exit_code(summary: dict) -> int:
     """0 when every annotation was written and the failure share is within --max-error-rate."""
     return 0 if summary["complete"] and summary["error_rate"] <= summary["max_error_rate"] else 1
+
+
+def _with_absolute_paths(config: RefineConfig) -> RefineConfig:
+    """Local paths made absolute: Ray workers need not share this process's working directory
+    (in a Ray job they run in the job's working_dir)."""
+
+    def absolute(uri: str | None, *, must_exist: bool = False) -> str | None:
+        if not uri or storage.has_scheme(uri) or (must_exist and not os.path.exists(uri)):
+            return uri  # a URI, or a zoo name such as sam_hq_vit_tiny
+        return os.path.abspath(os.path.expanduser(uri))
+
+    settings = dataclasses.replace(
+        config.settings,
+        checkpoint=absolute(config.settings.checkpoint, must_exist=True),
+        hq_head=absolute(config.settings.hq_head, must_exist=True),
+    )
+    return dataclasses.replace(
+        config,
+        annotations=absolute(config.annotations),
+        out=absolute(config.out),
+        images=absolute(config.images),
+        settings=settings,
+    )
+
+
+def on_cluster() -> bool:
+    """Whether this driver is attached to a Ray cluster (a job, or RAY_ADDRESS), not a local Ray."""
+    address = os.environ.get("RAY_ADDRESS", "")
+    return bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")) or address not in ("", "local")
+
+
+@contextlib.contextmanager
+def _requested_resources(settings: RefineSettings):
+    """On a cluster, ask the autoscaler up front for a node slot per refine actor (max of --actors):
+    GPU nodes start while the first images are read, not after the actor pool finds it cannot grow.
+    The request is cleared afterwards so that idle nodes can go. A no-op on a local Ray."""
+    if not on_cluster():
+        yield
+        return
+    from ray.autoscaler.sdk import request_resources
+
+    bundle = {"GPU": 1} if settings.device.startswith("cuda") else {"CPU": 1}
+    try:
+        request_resources(bundles=[bundle] * settings.max_actors)
+        log.info("requested %d x %s from the autoscaler", settings.max_actors, bundle)
+    except Exception as error:  # a hint to the autoscaler: never worth failing the run for
+        log.warning("could not request resources from the autoscaler: %s", error)
+    try:
+        yield
+    finally:
+        try:
+            request_resources(bundles=[])
+        except Exception as error:
+            log.warning("could not clear the autoscaler resource request: %s", error)
 
 
 def _prepare_out(config: RefineConfig) -> None:
