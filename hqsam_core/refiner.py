@@ -1,15 +1,31 @@
-"""Batched box-prompted refinement: many images, any number of boxes each, in one call."""
+"""Batched box-prompted refinement: many images, any number of boxes each, in one call.
+
+On CPU, by default, everything is the official HQ-SAM computation in fp32 (PIL resize, SAM's
+attention): masks, logits and scores equal the official predictor's. On CUDA the defaults take the
+fast path (issue 7): bf16 autocast, fused attention, the resize and normalisation on the GPU
+(antialiased bilinear `F.interpolate`, not PIL, so CUDA masks are close to but not bit-identical with
+the CPU path), pinned-memory uploads, and upsampling + thresholding on the GPU with bit-packed masks
+coming back to the host. Each part is also a keyword option.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from segment_anything.utils.transforms import ResizeLongestSide
 
+from hqsam_core import crop_zoom as cz
+from hqsam_core.fast_attention import set_attention
 from hqsam_core.hqsam import HQSam
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+COMPILE_TARGETS = ("decoder", "all")
 
 
 @dataclass
@@ -19,6 +35,10 @@ class Refinement:
     masks: np.ndarray  # (N, H, W) bool, at the image's size
     logits: np.ndarray  # (N, 256, 256) float32 low-res logits
     scores: np.ndarray  # (N,) float32 predicted IoU
+    # With crop_zoom: (N, 4) int64 XYXY crop window [x0, y0, x1, y1) each box was refined on, -1 for
+    # boxes refined on the whole image. A zoomed box's logits are in its crop's frame. None when
+    # refine was called without crop_zoom.
+    crops: np.ndarray | None = None
 
 
 @dataclass
@@ -35,33 +55,99 @@ class BoxRefiner:
     """Runs HQ-SAM on boxes of many images: one encoder batch, decoder batches over all prompts.
 
     `max_prompts` bounds the prompts per decoder call, and with it the decoder's memory.
+
+    Options (None = the device's default):
+    - `precision`: "fp32", "bf16" or "fp16" autocast for the encoder and decoder (default bf16 on
+      CUDA, fp32 elsewhere); upsampling to the image size and the threshold always run in fp32.
+    - `attention`: "sdpa" (fused, `hqsam_core.fast_attention`) or "sam" (the official module) for
+      SAM ViT encoders, switched in place on the model (default "sdpa" on CUDA; on other devices the
+      model is left as built, which is "sam" unless `build_hqsam(attention=...)` said otherwise).
+    - `compile`: False, True / "decoder" (torch.compile of the decoder's heavy modules), or "all"
+      (also each encoder block); compiled with dynamic=False, the inductor cache in
+      $TORCHINDUCTOR_CACHE_DIR (default $HQSAM_CACHE/inductor) so the first-batch cost is paid once.
+    - `pad_prompts`: pad every decoder chunk to `max_prompts` prompts (repeats of its last prompt,
+      dropped afterwards) so shapes never change; default: on when compiling.
     """
 
-    def __init__(self, model: HQSam, device: str | torch.device = "cpu", *, max_prompts: int = 64) -> None:
+    def __init__(
+        self,
+        model: HQSam,
+        device: str | torch.device = "cpu",
+        *,
+        max_prompts: int = 64,
+        precision: str | None = None,
+        attention: str | None = None,
+        compile: bool | str = False,  # noqa: A002 - the option's public name
+        pad_prompts: bool | None = None,
+    ) -> None:
         if max_prompts < 1:
             raise ValueError("max_prompts must be at least 1.")
         self.device = torch.device(device)
+        cuda = self.device.type == "cuda"
+        precision = precision or ("bf16" if cuda else "fp32")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        compile_target = _compile_target(compile)
         self.model = model.to(self.device).eval()
         self.max_prompts = max_prompts
         self.transform = ResizeLongestSide(model.image_encoder.img_size)
+        self.precision = precision
+        attention = attention or ("sdpa" if cuda else None)
+        if attention is not None:
+            set_attention(self.model.image_encoder, attention)
+        self.attention = attention
+        self.compile = compile_target
+        self.pad_prompts = compile_target is not None if pad_prompts is None else bool(pad_prompts)
+        if compile_target is not None:
+            compile_model(self.model, compile_target)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        dtype = PRECISIONS[self.precision]
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
 
     @torch.inference_mode()
     def encode(self, images: Sequence[np.ndarray]) -> EncodedImages:
         """Encode HxWx3 uint8 RGB images of any sizes in one batch."""
-        batch, input_sizes, original_sizes = [], [], []
         for image in images:
             if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
                 raise ValueError(f"expected an HxWx3 uint8 RGB image, got {image.dtype} {image.shape}")
-            resized = torch.as_tensor(self.transform.apply_image(image), device=self.device)
-            resized = resized.permute(2, 0, 1).contiguous()
-            batch.append(self.model.preprocess(resized))
-            input_sizes.append(tuple(resized.shape[-2:]))
-            original_sizes.append(tuple(image.shape[:2]))
-        if not batch:
+        if not len(images):
             empty = torch.empty(0, device=self.device)
             return EncodedImages(empty, empty, [], [])
-        embeddings, hq_features = self.model.encode(torch.stack(batch))
+        original_sizes = [tuple(image.shape[:2]) for image in images]
+        if self.device.type == "cuda":
+            batch, input_sizes = self._preprocess_on_device(images)
+        else:
+            batch, input_sizes = [], []
+            for image in images:
+                resized = torch.as_tensor(self.transform.apply_image(image), device=self.device)
+                resized = resized.permute(2, 0, 1).contiguous()
+                batch.append(self.model.preprocess(resized))
+                input_sizes.append(tuple(resized.shape[-2:]))
+        with self._autocast():
+            embeddings, hq_features = self.model.encode(torch.stack(batch))
         return EncodedImages(embeddings, hq_features, input_sizes, original_sizes)
+
+    def _preprocess_on_device(self, images: Sequence[np.ndarray]) -> tuple[list[torch.Tensor], list]:
+        """Pinned upload, then resize (antialiased bilinear, rounded to uint8 levels like PIL's
+        output), normalise and pad on the device."""
+        uploaded = [
+            torch.from_numpy(np.ascontiguousarray(image)).pin_memory().to(self.device, non_blocking=True)
+            for image in images
+        ]
+        batch, input_sizes = [], []
+        for pixels in uploaded:
+            h, w = pixels.shape[:2]
+            size = self.transform.get_preprocess_shape(h, w, self.transform.target_length)
+            x = pixels.permute(2, 0, 1)[None].float()
+            if (h, w) != tuple(size):
+                x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+                x = x.round_().clamp_(0, 255)
+            batch.append(self.model.preprocess(x[0]))
+            input_sizes.append(tuple(size))
+        return batch, input_sizes
 
     @torch.inference_mode()
     def decode(
@@ -95,21 +181,25 @@ class BoxRefiner:
         order = torch.argsort(image_index, stable=True)
         logits, scores = [], []
         for chunk in order.split(self.max_prompts) if len(order) else ():
-            sparse, dense = self.model.prompt_encoder(
-                points=None, boxes=model_boxes[chunk].to(self.device), masks=None
+            chunk_boxes, chunk_index = _pad_rows(
+                model_boxes[chunk], image_index[chunk], self.max_prompts if self.pad_prompts else len(chunk)
             )
-            chunk_logits, chunk_scores = self.model.mask_decoder(
-                image_embeddings=features.embeddings,
-                image_pe=self.model.prompt_encoder.get_dense_pe(),
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                hq_features=features.hq_features,
-                image_index=image_index[chunk].to(self.device),
-                multimask_output=multimask_output,
-                hq_token_only=hq_token_only,
-            )
-            logits.append(chunk_logits[:, 0])
-            scores.append(chunk_scores)
+            with self._autocast():
+                sparse, dense = self.model.prompt_encoder(
+                    points=None, boxes=chunk_boxes.to(self.device, non_blocking=True), masks=None
+                )
+                chunk_logits, chunk_scores = self.model.mask_decoder(
+                    image_embeddings=features.embeddings,
+                    image_pe=self.model.prompt_encoder.get_dense_pe(),
+                    sparse_prompt_embeddings=sparse,
+                    dense_prompt_embeddings=dense,
+                    hq_features=features.hq_features,
+                    image_index=chunk_index.to(self.device, non_blocking=True),
+                    multimask_output=multimask_output,
+                    hq_token_only=hq_token_only,
+                )
+            logits.append(chunk_logits[: len(chunk), 0])
+            scores.append(chunk_scores[: len(chunk)])
         counts = torch.bincount(image_index, minlength=num_images).tolist()
         all_logits = torch.cat(logits) if logits else torch.empty(0, 256, 256, device=self.device)
         all_scores = torch.cat(scores) if scores else torch.empty(0, device=self.device)
@@ -130,17 +220,38 @@ class BoxRefiner:
         input_size: tuple[int, int],
         original_size: tuple[int, int],
     ) -> Refinement:
-        """Upsample one image's low-res logits to its size and threshold, chunk by chunk."""
-        masks = [
-            self.model.postprocess_masks(part[:, None], input_size, original_size)[:, 0]
-            > self.model.mask_threshold
-            for part in logits.split(self.max_prompts)
-        ]
+        """Upsample one image's low-res logits to its size in fp32 and threshold, chunk by chunk."""
+        if self.device.type == "cuda":
+            masks = self._masks_on_device(logits, input_size, original_size)
+        else:
+            parts = [
+                self.model.postprocess_masks(part.float()[:, None], input_size, original_size)[:, 0]
+                > self.model.mask_threshold
+                for part in logits.split(self.max_prompts)
+            ]
+            masks = torch.cat(parts).cpu().numpy() if parts else np.zeros((0, *original_size), dtype=bool)
         return Refinement(
-            masks=torch.cat(masks).cpu().numpy() if masks else np.zeros((0, *original_size), dtype=bool),
+            masks=masks,
             logits=logits.float().cpu().numpy(),
             scores=scores.float().cpu().numpy(),
         )
+
+    def _masks_on_device(
+        self, logits: torch.Tensor, input_size: tuple[int, int], original_size: tuple[int, int]
+    ) -> np.ndarray:
+        """Upsample + threshold on the device; only bit-packed masks cross to the host."""
+        h, w = original_size
+        packed = [
+            packbits(
+                self.model.postprocess_masks(part.float()[:, None], input_size, original_size)[:, 0]
+                > self.model.mask_threshold
+            ).cpu()
+            for part in logits.split(self.max_prompts)
+        ]
+        if not packed:
+            return np.zeros((0, h, w), dtype=bool)
+        bits = np.unpackbits(torch.cat(packed).numpy(), axis=1, count=h * w)
+        return bits.view(bool).reshape(-1, h, w)
 
     def refine(
         self,
@@ -149,24 +260,151 @@ class BoxRefiner:
         *,
         hq_token_only: bool = False,
         multimask_output: bool = False,
+        crop_zoom: float | None = None,
+        crop_context: float = cz.DEFAULT_CONTEXT,
     ) -> list[Refinement]:
-        """Refine each image's (N_i, 4) XYXY pixel boxes; images without boxes are not encoded."""
+        """Refine each image's (N_i, 4) XYXY pixel boxes; images without boxes are not encoded.
+
+        With `crop_zoom` (e.g. 0.25), a box whose longer side is below `crop_zoom` x its image's
+        longer side is refined on a crop around it (margin `crop_context` x the box's longer side
+        each side, see `hqsam_core.crop_zoom`), resized to the model's input like any image, and its
+        mask pasted back at the image's size. Crops are encoded in batches of at most len(images).
+        """
         if len(images) != len(boxes):
             raise ValueError(f"{len(images)} images but {len(boxes)} box arrays")
         boxes = [np.asarray(b, dtype=np.float32).reshape(-1, 4) for b in boxes]
+        options = {"hq_token_only": hq_token_only, "multimask_output": multimask_output}
+        if crop_zoom is None:
+            return self._refine_whole(images, boxes, **options)
+        if crop_zoom <= 0:
+            raise ValueError("crop_zoom must be positive")
+        return self._refine_zoomed(images, boxes, crop_zoom, crop_context, options)
+
+    def _refine_whole(
+        self, images: Sequence[np.ndarray], boxes: list[np.ndarray], **options
+    ) -> list[Refinement]:
         with_boxes = [i for i, b in enumerate(boxes) if len(b)]
         features = self.encode([images[i] for i in with_boxes])
         decoded = self.decode(
             features,
             np.concatenate([boxes[i] for i in with_boxes]) if with_boxes else np.zeros((0, 4), np.float32),
             np.repeat(np.arange(len(with_boxes)), [len(boxes[i]) for i in with_boxes]),
-            hq_token_only=hq_token_only,
-            multimask_output=multimask_output,
+            **options,
         )
         results = [_empty_refinement(image.shape[:2]) for image in images]
         for position, refinement in zip(with_boxes, decoded):
             results[position] = refinement
         return results
+
+    def _refine_zoomed(
+        self,
+        images: Sequence[np.ndarray],
+        boxes: list[np.ndarray],
+        crop_zoom: float,
+        context: float,
+        options: dict,
+    ) -> list[Refinement]:
+        # Plan: which boxes go on a crop (and which crop); the rest are refined on the whole image.
+        windows: list[list[cz.CropWindow | None]] = []
+        for image, image_boxes in zip(images, boxes):
+            size = image.shape[:2]
+            selected = cz.zoom_selection(image_boxes, size, crop_zoom)
+            image_windows = []
+            for box, zoom in zip(image_boxes, selected):
+                window = cz.crop_window(box, size, context=context) if zoom else None
+                if window is not None and (window.width, window.height) == (size[1], size[0]):
+                    window = None  # the crop is the whole image: nothing to zoom
+                image_windows.append(window)
+            windows.append(image_windows)
+        plain = [b[np.array([w is None for w in ws], dtype=bool)] for b, ws in zip(boxes, windows)]
+        whole = self._refine_whole(images, plain, **options)
+
+        jobs = [(i, k, w) for i, ws in enumerate(windows) for k, w in enumerate(ws) if w is not None]
+        zoomed: dict[tuple[int, int], tuple[Refinement, cz.CropWindow]] = {}
+        for group in _batches(jobs, max(1, len(images))):
+            crops = [cz.crop_image(images[i], w) for i, _, w in group]
+            crop_boxes = [cz.box_to_crop(boxes[i][k : k + 1], w) for i, k, w in group]
+            for (i, k, w), result in zip(group, self._refine_whole(crops, crop_boxes, **options)):
+                zoomed[(i, k)] = (result, w)
+
+        results = []
+        for i, (image, image_boxes) in enumerate(zip(images, boxes)):
+            size = image.shape[:2]
+            n = len(image_boxes)
+            out = Refinement(
+                masks=np.zeros((n, *size), dtype=bool),
+                logits=np.zeros((n, 256, 256), dtype=np.float32),
+                scores=np.zeros((n,), dtype=np.float32),
+                crops=np.full((n, 4), -1, dtype=np.int64),
+            )
+            rows = np.array([w is None for w in windows[i]], dtype=bool)
+            out.masks[rows] = whole[i].masks
+            out.logits[rows] = whole[i].logits
+            out.scores[rows] = whole[i].scores
+            for k in np.flatnonzero(~rows):
+                result, w = zoomed[(i, int(k))]
+                out.masks[k, w.y0 : w.y1, w.x0 : w.x1] = result.masks[0]
+                out.logits[k], out.scores[k], out.crops[k] = result.logits[0], result.scores[0], w.as_array()
+            results.append(out)
+        return results
+
+
+def packbits(masks: torch.Tensor) -> torch.Tensor:
+    """(N, H, W) bool -> (N, ceil(H*W/8)) uint8 on the same device, bit order as `np.packbits`."""
+    n, h, w = masks.shape
+    flat = masks.reshape(n, h * w).to(torch.uint8)
+    pad = (-h * w) % 8
+    if pad:
+        flat = F.pad(flat, (0, pad))
+    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=masks.device)
+    return (flat.view(n, (h * w + pad) // 8, 8) * weights).sum(-1, dtype=torch.uint8)
+
+
+def compile_model(model: HQSam, target: str = "decoder") -> None:
+    """torch.compile (dynamic=False) the decoder's heavy modules, and with "all" each encoder block.
+
+    Compiles each module's `forward` in place (an instance attribute), so state-dict keys and the
+    forward hook that captures the early ViT feature stay as they are. Shapes are fixed when the
+    refiner pads prompts to `max_prompts`; the encoder recompiles once per distinct batch size.
+    """
+    if target not in COMPILE_TARGETS:
+        raise ValueError(f"compile target must be one of {', '.join(COMPILE_TARGETS)}, got {target!r}")
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        from hqsam_core.zoo import cache_dir
+
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir() / "inductor")
+    decoder = model.mask_decoder
+    modules = [decoder.transformer, decoder.output_upscaling, decoder.embedding_maskfeature]
+    if target == "all":
+        encoder = model.image_encoder
+        modules += list(getattr(encoder, "blocks", None) or getattr(encoder, "layers", None) or [encoder])
+    for module in modules:
+        if not getattr(module, "_hqsam_compiled", False):
+            module.forward = torch.compile(module.forward, dynamic=False)
+            module._hqsam_compiled = True
+
+
+def _compile_target(option: bool | str | None) -> str | None:
+    if option is None or option is False:
+        return None
+    if option is True:
+        return "decoder"
+    if option in COMPILE_TARGETS:
+        return option
+    raise ValueError(f"compile must be a bool or one of {', '.join(COMPILE_TARGETS)}, got {option!r}")
+
+
+def _pad_rows(boxes: torch.Tensor, index: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad a chunk to `size` rows with copies of its last row (keeps image indexes sorted)."""
+    missing = size - len(boxes)
+    if missing <= 0:
+        return boxes, index
+    return torch.cat([boxes, boxes[-1:].expand(missing, 4)]), torch.cat([index, index[-1:].expand(missing)])
+
+
+def _batches(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
 
 
 def _empty_refinement(size: tuple[int, int]) -> Refinement:
