@@ -6,7 +6,8 @@ from pathlib import Path
 
 import typer
 
-from hqsam_core.build import VARIANTS
+from hqsam_core.variants import VARIANTS
+from jobs.submit import ADDRESS_OPTION, DETACH_OPTION, FORWARD_ENV_OPTION, jobs_app, submit_if_requested
 
 app = typer.Typer(
     help="Refine segmentation masks of whole datasets with HQ-SAM.",
@@ -14,6 +15,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+app.add_typer(jobs_app, name="jobs")
 
 MODEL_HELP = f"Model variant: {', '.join(VARIANTS)}."
 CHECKPOINT_HELP = (
@@ -168,6 +170,9 @@ def refine(
         help="Exit 1 when more than this share of annotations failed.",
     ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    address: str | None = ADDRESS_OPTION,
+    detach: bool = DETACH_OPTION,
+    forward_env: list[str] = FORWARD_ENV_OPTION,
 ) -> None:
     """Refine every annotation of a dataset with box-prompted HQ-SAM; one output row per input annotation.
 
@@ -175,6 +180,7 @@ def refine(
     image_size_mismatch, invalid_box, crowd_skipped or inference_failed. A summary is printed and
     written to OUT/summary.json.
     """
+    submit_if_requested(address, detach, forward_env)
     from hqsam_core import CheckpointError
     from hqsam_core.zoo import CheckpointSourceError
     from jobs.refine import OutputNotEmptyError, RefineConfig, exit_code, run_refine
@@ -282,6 +288,191 @@ def preview(
     except PreviewError as error:
         fail(str(error))
     typer.echo(f"{len(result.written)} panels, {len(result.skipped)} skipped -> {result.index}")
+
+
+DATA_HELP = (
+    "Data source; repeat to merge several. An image+gt folder pair SRC (SRC/im/*.jpg|png, SRC/gt/*.png by "
+    "stem), a COCO instances JSON, or the OUT of `hqsam refine` (status ok rows); local or s3://, gs://. "
+    "Options after '::': weight=W (sample it W times per epoch), images=ROOT (COCO image root), "
+    "original=URI (the original annotation to score too: PNG folder or COCO file with the same ids)."
+)
+
+
+@app.command()
+def train(
+    data: list[str] = typer.Option(..., "--data", help=DATA_HELP),
+    out: str = typer.Option(
+        ..., "--out", help="Run folder (local or s3://): checkpoints, hq_head.pth, model.pth, metrics.json."
+    ),
+    model: str = typer.Option("vit_tiny", "--model", help=MODEL_HELP),
+    checkpoint: str | None = typer.Option(
+        None,
+        "--checkpoint",
+        help="BASE weights: SAM or HQ-SAM (path, URI or zoo name); SAM stays frozen and is exported "
+        "bit-identical. A plain SAM file starts a fresh HQ head. Default: sam_hq_<model>.",
+    ),
+    hq_head: str | None = typer.Option(
+        None, "--hq-head", help="Start the HQ head from this file instead of BASE's."
+    ),
+    val: list[str] = typer.Option([], "--val", help="Validation source (same forms as --data); repeatable."),
+    workers: int = typer.Option(1, "--workers", min=1, help="Ray Train workers (one GPU each with cuda)."),
+    device: str | None = typer.Option(None, "--device", help="cpu or cuda (default: cuda when present)."),
+    batch_size: int = typer.Option(4, "--batch-size", min=1, help="Samples per worker per step."),
+    epochs: int = typer.Option(12, "--epochs", min=1, help="Epochs over the merged data."),
+    lr: float = typer.Option(1e-3, "--lr", min=0.0, help="Adam learning rate (no weight decay)."),
+    lr_drop_epoch: int = typer.Option(
+        10, "--lr-drop-epoch", min=1, help="Multiply the lr by 0.1 every N epochs."
+    ),
+    max_steps: int | None = typer.Option(
+        None, "--max-steps", min=1, help="Stop after N steps in all (smoke runs)."
+    ),
+    checkpoint_every: int | None = typer.Option(
+        None, "--checkpoint-every", min=1, help="Also checkpoint every K steps (every epoch's end always is)."
+    ),
+    keep: int = typer.Option(3, "--keep-checkpoints", min=1, help="Checkpoints kept in OUT."),
+    max_failures: int = typer.Option(
+        1, "--max-failures", min=-1, help="Times a failed worker group is restarted from the last checkpoint."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed of the data order, augmentation and a fresh HQ head."),
+    min_score: float | None = typer.Option(
+        None, "--min-score", help="Refined-Parquet sources: keep rows whose score is at least this."
+    ),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, or bf16: autocast the frozen encoder."),
+    cpus_per_worker: float = typer.Option(
+        1.0, "--cpus-per-worker", min=0.1, help="CPUs reserved per worker; the rest decode data."
+    ),
+    log_every: int = typer.Option(10, "--log-every", min=1, help="Print the loss every N steps."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress and loss lines."),
+    address: str | None = ADDRESS_OPTION,
+    detach: bool = DETACH_OPTION,
+    forward_env: list[str] = FORWARD_ENV_OPTION,
+) -> None:
+    """Retrain the HQ head (SAM frozen) with Ray Train on merged datasets, the official recipe.
+
+    Each sample gets a horizontal flip and large-scale jitter to 1024 and one prompt (tight box, 10
+    points or a noisy mask); the loss is point-sampled BCE + dice on the HQ logits; Adam + StepLR.
+    Checkpoints go to OUT every epoch (and every --checkpoint-every steps); running the same command
+    again resumes from the last one. At the end OUT gets hq_head.pth, model.pth and metrics.json.
+    """
+    submit_if_requested(address, detach, forward_env)
+    from hqsam_core import CheckpointError
+    from hqsam_core.zoo import CheckpointSourceError
+    from jobs.train import TrainConfig, TrainError, run_train
+    from pipeline.train_sources import SourceError
+
+    if model not in VARIANTS:
+        fail(f"unknown --model {model!r}; choose one of {', '.join(VARIANTS)}")
+    config = TrainConfig(
+        data=data,
+        out=out,
+        model=model,
+        checkpoint=checkpoint or f"sam_hq_{model}",
+        hq_head=hq_head,
+        val=val,
+        workers=workers,
+        device=device or default_device(),
+        batch_size=batch_size,
+        epochs=epochs,
+        lr=lr,
+        lr_drop_epoch=lr_drop_epoch,
+        max_steps=max_steps,
+        checkpoint_every=checkpoint_every,
+        keep_checkpoints=keep,
+        max_failures=max_failures,
+        seed=seed,
+        min_score=min_score,
+        precision=precision,
+        cpus_per_worker=cpus_per_worker,
+        log_every=log_every,
+    )
+    try:
+        summary = run_train(config, progress=progress)
+    except (CheckpointError, CheckpointSourceError, SourceError, TrainError) as error:
+        fail(str(error))
+    last = summary["epochs"][-1] if summary["epochs"] else {}
+    typer.echo(
+        f"trained {summary['global_step']} steps ({summary['epochs_completed']} epochs complete), "
+        f"last train loss {last.get('train_loss') or float('nan'):.4f}"
+    )
+    for name in ("hq_head", "full_model"):
+        typer.echo(f"{name} -> {summary[name]}")
+    typer.echo(f"metrics -> {out.rstrip('/')}/metrics.json")
+
+
+@app.command()
+def export(
+    run: str = typer.Argument(..., help="The --out of `hqsam train` (local or s3://)."),
+) -> None:
+    """Write RUN/hq_head.pth, RUN/model.pth and RUN/metrics.json from the run's last checkpoint."""
+    from hqsam_core import CheckpointError
+    from jobs.train import TrainError, export_run
+
+    try:
+        summary = export_run(run)
+    except (CheckpointError, TrainError) as error:
+        fail(str(error))
+    typer.echo(f"step {summary['global_step']} of {summary['checkpoint']}")
+    typer.echo(f"hq_head -> {summary['hq_head']}\nfull_model -> {summary['full_model']}")
+
+
+@app.command()
+def evaluate(
+    data: list[str] = typer.Option(..., "--data", help=DATA_HELP),
+    out: str = typer.Option(..., "--out", help="JSON report file (local or s3://)."),
+    model: str = typer.Option("vit_tiny", "--model", help=MODEL_HELP),
+    checkpoint: str | None = typer.Option(None, "--checkpoint", help=CHECKPOINT_HELP),
+    hq_head: str | None = typer.Option(
+        None, "--hq-head", help="HQ head file to combine with a plain SAM checkpoint (e.g. OUT/hq_head.pth)."
+    ),
+    device: str | None = typer.Option(None, "--device", help="cpu or cuda (default: cuda when present)."),
+    batch_size: int = typer.Option(4, "--batch-size", min=1, help="Images per encoder batch."),
+    hq_token_only: bool = typer.Option(
+        True,
+        "--hq-token-only/--no-hq-token-only",
+        help="Score the HQ-only output (the paper's HQ-set protocol) or SAM + HQ.",
+    ),
+    min_score: float | None = typer.Option(
+        None, "--min-score", help="Refined-Parquet sources: keep rows whose score is at least this."
+    ),
+    limit: int | None = typer.Option(
+        None, "--limit", min=1, help="Evaluate the first N samples of each source."
+    ),
+    address: str | None = ADDRESS_OPTION,
+    detach: bool = DETACH_OPTION,
+    forward_env: list[str] = FORWARD_ENV_OPTION,
+) -> None:
+    """mIoU and mBIoU of SAM's mask, the HQ mask and the original annotation, per source and overall.
+
+    Official protocol: GT tight box prompt, image resized to 1024, HQ mask upsampled to the GT size,
+    per-sample means. COCO sources also get mask AP and Boundary AP (COCOeval, min(mask IoU, Boundary
+    IoU)). Prints a table (percent) and writes the JSON report (fractions).
+    """
+    submit_if_requested(address, detach, forward_env)
+    from hqsam_core import CheckpointError
+    from hqsam_core.zoo import CheckpointSourceError
+    from jobs.evaluate import EvaluateConfig, format_table, run_evaluate
+    from pipeline.train_sources import SourceError
+
+    if model not in VARIANTS:
+        fail(f"unknown --model {model!r}; choose one of {', '.join(VARIANTS)}")
+    config = EvaluateConfig(
+        data=data,
+        out=out,
+        model=model,
+        checkpoint=checkpoint or f"sam_hq_{model}",
+        hq_head=hq_head,
+        device=device or default_device(),
+        batch_size=batch_size,
+        hq_token_only=hq_token_only,
+        min_score=min_score,
+        limit=limit,
+    )
+    try:
+        report = run_evaluate(config)
+    except (CheckpointError, CheckpointSourceError, SourceError) as error:
+        fail(str(error))
+    typer.echo(format_table(report))
+    typer.echo(f"report -> {out}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,498 @@
+"""Benchmark: a COCO instances file of COCO-train size becoming pipeline input.
+
+Generates a COCO-like instances file (118,287 images, ~860,000 annotations, ~7.3 per image,
+polygons with COCO-like vertex counts, ~1% iscrowd annotations with uncompressed RLE, 80
+categories, info and licenses; ~450 MB like instances_train2017.json), then measures, in a fresh
+subprocess per repeat (so peak RSS is that of a driver doing only this):
+
+    read_manifest(path)                        -> the per-image Arrow task table
+    ray.init(num_cpus=2, ...)                  -> a local Ray, object store 2 GiB
+    build_refine_dataset(tasks, ...)           -> ray.data.from_arrow of the sliced table (eager
+                                                  puts of every block) plus the lazy stages
+
+and the subprocess's peak RSS (resource.getrusage ru_maxrss). Spec targets (issue 4, section 2):
+the file becomes pipeline input within 60 s and 6 GB of driver memory.
+
+A second variant, "proposed" (interleaved with the first; --no-proposed skips it), replaces only
+the dataset creation with the change this benchmark proposes for build_refine_dataset: from_arrow
+of a few 4096-row slices, then repartition(target_num_rows_per_block=...) down to the same small
+blocks in a streaming operator. ray.data.from_arrow puts every block from the driver AND runs one
+remote metadata task per block, so 8-row blocks cost ~14,700 puts and tasks for COCO train.
+
+    .venv/bin/python benchmarks/manifest.py --json benchmarks/results/manifest_coco_train_size.json
+
+The generated file goes to a temporary directory (removed afterwards) unless --path is given;
+with --path and an existing file, --reuse measures that file without regenerating it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import orjson
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+IMAGES = 118_287
+ANNOTATIONS = 860_001
+EMPTY_IMAGES = 1_021  # COCO train2017 images without annotations
+CROWD_SHARE = 0.0105  # 9,071 of 860,001 in COCO train2017
+TARGET_MB = (60.0, 6.0)  # seconds, GB
+
+COCO_CATEGORIES = [
+    # (id, name, supercategory): the 80 COCO categories with their sparse ids
+    (1, "person", "person"), (2, "bicycle", "vehicle"), (3, "car", "vehicle"),
+    (4, "motorcycle", "vehicle"), (5, "airplane", "vehicle"), (6, "bus", "vehicle"),
+    (7, "train", "vehicle"), (8, "truck", "vehicle"), (9, "boat", "vehicle"),
+    (10, "traffic light", "outdoor"), (11, "fire hydrant", "outdoor"), (13, "stop sign", "outdoor"),
+    (14, "parking meter", "outdoor"), (15, "bench", "outdoor"), (16, "bird", "animal"),
+    (17, "cat", "animal"), (18, "dog", "animal"), (19, "horse", "animal"), (20, "sheep", "animal"),
+    (21, "cow", "animal"), (22, "elephant", "animal"), (23, "bear", "animal"), (24, "zebra", "animal"),
+    (25, "giraffe", "animal"), (27, "backpack", "accessory"), (28, "umbrella", "accessory"),
+    (31, "handbag", "accessory"), (32, "tie", "accessory"), (33, "suitcase", "accessory"),
+    (34, "frisbee", "sports"), (35, "skis", "sports"), (36, "snowboard", "sports"),
+    (37, "sports ball", "sports"), (38, "kite", "sports"), (39, "baseball bat", "sports"),
+    (40, "baseball glove", "sports"), (41, "skateboard", "sports"), (42, "surfboard", "sports"),
+    (43, "tennis racket", "sports"), (44, "bottle", "kitchen"), (46, "wine glass", "kitchen"),
+    (47, "cup", "kitchen"), (48, "fork", "kitchen"), (49, "knife", "kitchen"), (50, "spoon", "kitchen"),
+    (51, "bowl", "kitchen"), (52, "banana", "food"), (53, "apple", "food"), (54, "sandwich", "food"),
+    (55, "orange", "food"), (56, "broccoli", "food"), (57, "carrot", "food"), (58, "hot dog", "food"),
+    (59, "pizza", "food"), (60, "donut", "food"), (61, "cake", "food"), (62, "chair", "furniture"),
+    (63, "couch", "furniture"), (64, "potted plant", "furniture"), (65, "bed", "furniture"),
+    (67, "dining table", "furniture"), (70, "toilet", "furniture"), (72, "tv", "electronic"),
+    (73, "laptop", "electronic"), (74, "mouse", "electronic"), (75, "remote", "electronic"),
+    (76, "keyboard", "electronic"), (77, "cell phone", "electronic"), (78, "microwave", "appliance"),
+    (79, "oven", "appliance"), (80, "toaster", "appliance"), (81, "sink", "appliance"),
+    (82, "refrigerator", "appliance"), (84, "book", "indoor"), (85, "clock", "indoor"),
+    (86, "vase", "indoor"), (87, "scissors", "indoor"), (88, "teddy bear", "indoor"),
+    (89, "hair drier", "indoor"), (90, "toothbrush", "indoor"),
+]  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- generating the file
+
+
+def generate(path: Path, *, images: int, annotations: int, seed: int, chunk: int = 20_000) -> dict:
+    """Write a COCO-like instances file to `path`, streaming; returns its vital statistics."""
+    rng = np.random.default_rng(seed)
+    image_ids = np.sort(rng.choice(600_000, size=images, replace=False)).astype(np.int64)
+    landscape = rng.random(images) < 0.7
+    short = rng.integers(333, 641, size=images)
+    widths = np.where(landscape, 640, short)
+    heights = np.where(landscape, short, 640)
+    per_image = _annotations_per_image(rng, images, annotations)
+    owner = rng.permutation(np.repeat(np.arange(images), per_image))  # COCO's order is by category
+    crowd = rng.random(annotations) < CROWD_SHARE
+    categories = np.array([c[0] for c in COCO_CATEGORIES])
+    category_of = categories[rng.integers(0, len(categories), size=annotations)]
+
+    with open(path, "wb") as out:
+        head = {
+            "info": {
+                "description": "hqsam benchmark: COCO-train-sized synthetic instances",
+                "url": "https://example.invalid/hqsam",
+                "version": "1.0",
+                "year": 2017,
+                "contributor": "benchmarks/manifest.py",
+                "date_created": "2017/09/01",
+            },
+            "licenses": [
+                {"url": f"http://creativecommons.org/licenses/{i}/2.0/", "id": i, "name": f"License {i}"}
+                for i in range(1, 9)
+            ],
+        }
+        out.write(orjson.dumps(head)[:-1] + b',"images":[')
+        for start in range(0, images, chunk):
+            stop = min(start + chunk, images)
+            records = [
+                {
+                    "license": int(1 + image_ids[i] % 8),
+                    "file_name": f"{image_ids[i]:012d}.jpg",
+                    "coco_url": f"http://images.cocodataset.org/train2017/{image_ids[i]:012d}.jpg",
+                    "height": int(heights[i]),
+                    "width": int(widths[i]),
+                    "date_captured": "2013-11-14 11:18:45",
+                    "flickr_url": f"http://farm4.staticflickr.com/{i % 9000}/{image_ids[i]}_0a1b2c3d4e_z.jpg",
+                    "id": int(image_ids[i]),
+                }
+                for i in range(start, stop)
+            ]
+            out.write((b"," if start else b"") + orjson.dumps(records)[1:-1])
+        out.write(b'],"annotations":[')
+        vertices = 0
+        for start in range(0, annotations, chunk):
+            stop = min(start + chunk, annotations)
+            records, count = _annotation_chunk(
+                rng, start, owner[start:stop], crowd[start:stop], category_of[start:stop],
+                image_ids, heights, widths,
+            )  # fmt: skip
+            vertices += count
+            out.write(
+                (b"," if start else b"") + orjson.dumps(records, option=orjson.OPT_SERIALIZE_NUMPY)[1:-1]
+            )
+        out.write(b'],"categories":')
+        out.write(orjson.dumps([{"supercategory": s, "id": i, "name": n} for i, n, s in COCO_CATEGORIES]))
+        out.write(b"}")
+    return {
+        "bytes": path.stat().st_size,
+        "images": images,
+        "images_with_annotations": int((per_image > 0).sum()),
+        "annotations": annotations,
+        "crowd_annotations": int(crowd.sum()),
+        "polygon_vertices_mean": vertices / max(1, annotations - int(crowd.sum())),
+        "annotations_per_image_max": int(per_image.max()),
+    }
+
+
+def _annotations_per_image(rng: np.random.Generator, images: int, annotations: int) -> np.ndarray:
+    """Counts per image: 0 for EMPTY_IMAGES images, else 1 + geometric, summing exactly to `annotations`."""
+    empty = min(EMPTY_IMAGES, max(0, images - 1))
+    counts = np.zeros(images, np.int64)
+    with_annotations = rng.permutation(images)[: images - empty]
+    mean_extra = annotations / len(with_annotations) - 1
+    counts[with_annotations] = 1 + rng.geometric(1 / (1 + mean_extra), size=len(with_annotations)) - 1
+    difference = annotations - int(counts.sum())
+    while difference:
+        pick = rng.choice(with_annotations, size=min(abs(difference), len(with_annotations)), replace=False)
+        if difference > 0:
+            counts[pick] += 1
+        else:
+            pick = pick[counts[pick] > 1]
+            counts[pick] -= 1
+        difference = annotations - int(counts.sum())
+    return counts
+
+
+def _annotation_chunk(rng, first_id, owner, crowd, category_of, image_ids, heights, widths):
+    """COCO annotation dicts for one chunk: polygons (numpy, rounded to 0.01 px) or crowd RLEs."""
+    n = len(owner)
+    h, w = heights[owner].astype(np.float64), widths[owner].astype(np.float64)
+    # object size: COCO has many small objects and a long tail of large ones
+    scale = np.clip(rng.lognormal(np.log(0.12), 0.8, size=n), 0.01, 0.95)
+    rx, ry = scale * w / 2, scale * h / 2
+    cx, cy = rng.uniform(rx, w - rx), rng.uniform(ry, h - ry)
+    parts = np.where(rng.random(n) < 0.9, 1, rng.integers(2, 5, size=n))
+    records, total_vertices = [], 0
+    for k in range(n):
+        image = int(owner[k])
+        annotation = {
+            "segmentation": None,
+            "area": 0.0,
+            "iscrowd": int(crowd[k]),
+            "image_id": int(image_ids[image]),
+            "bbox": None,
+            "category_id": int(category_of[k]),
+            "id": int(first_id + k + 1),
+        }
+        if crowd[k]:
+            rle, box, area = _crowd_rle(
+                rng, int(heights[image]), int(widths[image]), cx[k], cy[k], rx[k], ry[k]
+            )
+            annotation["segmentation"], annotation["bbox"], annotation["area"] = rle, box, area
+        else:
+            polygons, xs_all, ys_all, area = [], [], [], 0.0
+            for _ in range(int(parts[k])):
+                count = int(np.clip(rng.lognormal(np.log(13 + 38 * scale[k]), 0.5), 3, 400))
+                total_vertices += count
+                angle = np.sort(rng.uniform(0, 2 * np.pi, size=count))
+                radius = rng.uniform(0.55, 1.0, size=count)
+                xs = np.clip(cx[k] + rx[k] * radius * np.cos(angle), 0, w[k]).round(2)
+                ys = np.clip(cy[k] + ry[k] * radius * np.sin(angle), 0, h[k]).round(2)
+                polygons.append(np.stack([xs, ys], axis=1).reshape(-1))
+                xs_all.append(xs)
+                ys_all.append(ys)
+                area += 0.5 * abs(float(np.dot(xs, np.roll(ys, 1)) - np.dot(ys, np.roll(xs, 1))))
+            xs, ys = np.concatenate(xs_all), np.concatenate(ys_all)
+            x0, y0 = float(xs.min()), float(ys.min())
+            annotation["segmentation"] = polygons
+            annotation["bbox"] = [x0, y0, round(float(xs.max()) - x0, 2), round(float(ys.max()) - y0, 2)]
+            annotation["area"] = area
+        records.append(annotation)
+    return records, total_vertices
+
+
+def _crowd_rle(rng, height, width, cx, cy, rx, ry):
+    """An uncompressed column-major COCO RLE of a ragged blob, as COCO stores crowd regions."""
+    x0, x1 = max(0, int(cx - rx)), min(width, int(cx + rx) + 1)
+    top = np.clip(cy - ry * rng.uniform(0.6, 1.0, size=x1 - x0), 0, height - 1).astype(np.int64)
+    bottom = np.clip(cy + ry * rng.uniform(0.6, 1.0, size=x1 - x0), top + 1, height).astype(np.int64)
+    counts = np.empty(2 * (x1 - x0) + 1, np.int64)
+    # zeros before each column's run: rest of the previous column plus this column's top
+    counts[0] = x0 * height + top[0]
+    counts[2:-1:2] = (height - bottom[:-1]) + top[1:]
+    counts[1::2] = bottom - top
+    counts[-1] = (height - bottom[-1]) + (width - x1) * height
+    box = [float(x0), float(top.min()), float(x1 - x0), float(bottom.max() - top.min())]
+    return {"counts": counts, "size": [height, width]}, box, int((bottom - top).sum())
+
+
+# ----------------------------------------------------------------------------- measuring (subprocess)
+
+
+def measure(path: str, variant: str = "current") -> dict:
+    """In this (fresh) process: read the manifest, start Ray, build the dataset; times and memory.
+
+    `variant` "current" calls pipeline.refine_pipeline.build_refine_dataset as it is. "proposed"
+    builds only its source the way this benchmark proposes (see PROPOSED_SOURCE): a few large
+    blocks put by the driver, split into the same small blocks by a streaming repartition.
+    """
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    marks: dict[str, float] = {}
+    rss: dict[str, int] = {}
+    t0 = time.perf_counter()
+    import ray
+
+    from pipeline.manifest import read_manifest
+    from pipeline.refine_pipeline import RefineSettings, build_refine_dataset
+
+    marks["import_s"] = time.perf_counter() - t0
+    rss["after_import"] = _status_kb("VmRSS")
+
+    load_start = os.getloadavg()[0]
+    t, cpu = time.perf_counter(), time.process_time()
+    manifest = read_manifest(path)
+    marks["read_manifest_s"] = time.perf_counter() - t
+    marks["read_manifest_cpu_s"] = time.process_time() - cpu
+    rss["after_read_manifest"] = _status_kb("VmRSS")
+    rss["peak_after_read_manifest"] = _status_kb("VmHWM")
+
+    t = time.perf_counter()
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=2 * 2**30,
+        log_to_driver=False,
+        configure_logging=False,
+    )
+    marks["ray_init_s"] = time.perf_counter() - t
+
+    t, cpu = time.perf_counter(), time.process_time()
+    settings = RefineSettings("vit_tiny", "sam_hq_vit_tiny", None, "cpu")
+    if variant == "current":
+        with tempfile.TemporaryDirectory(prefix="hqsam-manifest-bench-") as out:
+            dataset = build_refine_dataset(manifest.tasks, out, settings)
+    else:
+        dataset = proposed_source(manifest.tasks, max(settings.batch_size, 8))
+    marks["build_dataset_s"] = time.perf_counter() - t
+    marks["build_dataset_driver_cpu_s"] = time.process_time() - cpu
+    marks["read_to_dataset_s"] = marks["read_manifest_s"] + marks["ray_init_s"] + marks["build_dataset_s"]
+    marks["total_s"] = time.perf_counter() - t0
+    rss["after_dataset"] = _status_kb("VmRSS")
+    rss["shmem_after_dataset"] = _status_kb("RssShmem")
+    del dataset
+    result = {
+        "variant": variant,
+        **marks,
+        "task_rows": manifest.tasks.num_rows,
+        "annotations_total": manifest.annotations_total,
+        "task_table_bytes": manifest.tasks.nbytes,
+        "dataset_blocks": -(-manifest.tasks.num_rows // max(settings.batch_size, 8)),
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "rss_kib": rss,
+        "load_average_1min": [load_start, os.getloadavg()[0]],  # at read_manifest start and at the end
+    }
+    ray.shutdown()
+    return result
+
+
+PROPOSED_SOURCE = (
+    "ray.data.from_arrow(<slices of 4096 rows>).repartition(target_num_rows_per_block=block_rows, "
+    "strict=True): ~29 puts and metadata tasks instead of one put and one remote metadata task "
+    "per 8-row block; the split into 8-row blocks then streams, in tasks, as the pipeline runs"
+)
+
+
+def proposed_source(tasks, block_rows: int):
+    """The source build_refine_dataset would get with the proposed change (stages left out: lazy)."""
+    import ray
+
+    big = 4096
+    blocks = [tasks.slice(start, big) for start in range(0, tasks.num_rows, big)]
+    return ray.data.from_arrow(blocks or [tasks]).repartition(
+        target_num_rows_per_block=block_rows, strict=True
+    )
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return -1
+
+
+def run_measurement(path: Path, variant: str = "current") -> dict:
+    code = (
+        "import json, sys; sys.path.insert(0, sys.argv[1]);"
+        "from benchmarks.manifest import measure;"
+        "print('RESULT ' + json.dumps(measure(sys.argv[2], sys.argv[3])))"
+    )
+    started = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(ROOT), str(path), variant],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    wall = time.perf_counter() - started
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode or not lines:
+        raise RuntimeError(f"measurement failed (rc {done.returncode}):\n{done.stderr[-4000:]}")
+    result = json.loads(lines[-1][len("RESULT ") :])
+    result["subprocess_wall_s"] = wall
+    return result
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return {
+        "cpu_model": cpu,
+        "cores": os.cpu_count(),
+        "ram_gib": round(ram / 2**30, 1),
+        "load_average_at_start": list(os.getloadavg()),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def versions() -> dict:
+    import pyarrow
+    import ray
+
+    return {"ray": ray.__version__, "pyarrow": pyarrow.__version__, "orjson": orjson.__version__}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--path", type=Path, default=None, help="write the COCO file here (default: a temp dir)"
+    )
+    parser.add_argument("--reuse", action="store_true", help="with --path: measure an existing file as is")
+    parser.add_argument("--images", type=int, default=IMAGES)
+    parser.add_argument("--annotations", type=int, default=ANNOTATIONS)
+    parser.add_argument("--repeats", type=int, default=3, help="fresh measurement subprocesses")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--no-proposed", dest="proposed", action="store_false", help="skip the proposed-source variant"
+    )
+    parser.add_argument("--json", type=Path, default=None, help="write the raw results here")
+    args = parser.parse_args(argv)
+    if args.images < 1 or args.annotations < 1 or args.repeats < 1:
+        parser.error("--images, --annotations and --repeats must be at least 1")
+
+    with tempfile.TemporaryDirectory(prefix="hqsam-manifest-") as temp:
+        path = args.path or Path(temp) / "instances_train_synthetic.json"
+        if args.reuse and path.exists():
+            generated = {"bytes": path.stat().st_size, "reused": True}
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            started = time.perf_counter()
+            generated = generate(path, images=args.images, annotations=args.annotations, seed=args.seed)
+            generated["generate_s"] = time.perf_counter() - started
+        print(f"COCO file {path}: {generated['bytes'] / 1e6:.1f} MB {generated}", flush=True)
+        variants = ["current"] + (["proposed"] if args.proposed else [])
+        runs: dict[str, list[dict]] = {variant: [] for variant in variants}
+        for repeat in range(args.repeats):
+            for variant in variants:  # interleaved, so that drift in machine load hits both alike
+                run = run_measurement(path, variant)
+                runs[variant].append(run)
+                print(
+                    f"  {variant} run {repeat + 1}: read {run['read_manifest_s']:.1f} s, to dataset "
+                    f"{run['read_to_dataset_s']:.1f} s, peak RSS {run['peak_rss_bytes'] / 1e9:.2f} GB",
+                    flush=True,
+                )
+
+    keys = (
+        "import_s",
+        "read_manifest_s",
+        "read_manifest_cpu_s",
+        "ray_init_s",
+        "build_dataset_s",
+        "read_to_dataset_s",
+        "total_s",
+    )
+    medians = {}
+    for variant, variant_runs in runs.items():
+        medians[variant] = {key: statistics.median(run[key] for run in variant_runs) for key in keys}
+        medians[variant]["peak_rss_bytes"] = statistics.median(run["peak_rss_bytes"] for run in variant_runs)
+    current = medians["current"]
+    result = {
+        "benchmark": "COCO-train-sized instances file -> read_manifest -> Ray dataset (build_refine_dataset)",
+        "machine": machine(),
+        "versions": versions(),
+        "file": generated,
+        "targets": {"read_to_dataset_s": TARGET_MB[0], "peak_rss_gb": TARGET_MB[1]},
+        "variants": {
+            "current": "pipeline.refine_pipeline.build_refine_dataset as it is",
+            "proposed": PROPOSED_SOURCE,
+        },
+        "runs": runs,
+        "median": medians,
+        "meets_targets": current["read_to_dataset_s"] <= TARGET_MB[0]
+        and current["peak_rss_bytes"] <= TARGET_MB[1] * 1e9,
+    }
+    print_table(result)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return result
+
+
+def print_table(r: dict) -> None:
+    f, t = r["file"], r["targets"]
+    first = r["runs"]["current"][0]
+    variants = list(r["median"])
+    print(
+        f"\n{f['bytes'] / 1e6:.0f} MB COCO file, {first['task_rows']:,} task rows, "
+        f"{first['annotations_total']:,} annotations; {r['machine']['cpu_model']}, "
+        f"{r['machine']['cores']} cores, {r['machine']['ram_gib']} GiB RAM; "
+        f"median of {len(r['runs']['current'])} fresh processes per variant"
+    )
+    rows = [
+        ("import ray + pipeline", "import_s", ""),
+        ("read_manifest", "read_manifest_s", ""),
+        ("  of which CPU time of the driver", "read_manifest_cpu_s", ""),
+        ("ray.init (num_cpus=2, 2 GiB store)", "ray_init_s", ""),
+        ("dataset creation (from_arrow ...)", "build_dataset_s", ""),
+        ("read -> dataset (excl. imports)", "read_to_dataset_s", f"target <= {t['read_to_dataset_s']:.0f} s"),
+        ("whole driver (incl. imports)", "total_s", ""),
+    ]
+    print(f"{'step':38}" + "".join(f" {v + ' s':>12}" for v in variants))
+    for name, key, note in rows:
+        print(f"{name:38}" + "".join(f" {r['median'][v][key]:12.1f}" for v in variants) + f"  {note}")
+    print(
+        f"{'peak driver RSS (ru_maxrss), GB':38}"
+        + "".join(f" {r['median'][v]['peak_rss_bytes'] / 1e9:12.2f}" for v in variants)
+        + f"  target <= {t['peak_rss_gb']:.0f} GB"
+    )
+    print(f"current meets targets: {r['meets_targets']}")
+    if "proposed" in r["median"]:
+        print(f"proposed: {r['variants']['proposed']}")
+
+
+if __name__ == "__main__":
+    main()

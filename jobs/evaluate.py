@@ -1,0 +1,322 @@
+"""`hqsam evaluate`: mIoU / mBIoU of SAM's mask, HQ-SAM's mask and the original annotation, per
+source and overall, with the official protocol (hqsam_core.evaluation); for COCO sources also mask
+AP and Boundary AP (COCOeval, a pair scored by min(mask IoU, Boundary IoU)).
+
+The per-sample loop here (`evaluate_rows`) is also what `hqsam train --val` runs each epoch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import math
+import os
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from hqsam_core.build import build_hqsam
+from hqsam_core.evaluation import evaluate_batch, summarize
+from hqsam_core.masks import encode_rle
+from hqsam_core.metrics import boundary_iou_batch
+from hqsam_core.refiner import BoxRefiner
+from pipeline import storage
+from pipeline.manifest import load_json
+from pipeline.train_sources import SampleError, Source, load_sample, parse_source, source_rows
+
+log = logging.getLogger(__name__)
+
+METRIC_COLUMNS = (
+    ("SAM mIoU", "sam_miou"),
+    ("SAM mBIoU", "sam_mbiou"),
+    ("HQ mIoU", "hq_miou"),
+    ("HQ mBIoU", "hq_mbiou"),
+    ("orig mIoU", "original_miou"),
+    ("orig mBIoU", "original_mbiou"),
+    ("mask AP", "mask_ap"),
+    ("bound. AP", "boundary_ap"),
+)
+
+
+@dataclass
+class EvaluateConfig:
+    data: list[str]
+    out: str
+    model: str = "vit_tiny"
+    checkpoint: str = "sam_hq_vit_tiny"
+    hq_head: str | None = None
+    device: str = "cpu"
+    batch_size: int = 4
+    hq_token_only: bool = True
+    min_score: float | None = None
+    limit: int | None = None  # samples per source
+    extra: dict = field(default_factory=dict)
+
+
+class RecordingRefiner(BoxRefiner):
+    """A BoxRefiner that keeps its last decode results per hq_token_only flag (for COCO AP: the
+    very masks and scores evaluate_batch scored, without decoding twice)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.last: dict[bool, list] = {}
+
+    def decode(self, features, boxes, image_index, *, hq_token_only=False, multimask_output=False):
+        result = super().decode(
+            features, boxes, image_index, hq_token_only=hq_token_only, multimask_output=multimask_output
+        )
+        self.last[hq_token_only] = result
+        return result
+
+
+def evaluate_rows(
+    refiner: BoxRefiner,
+    rows: list[dict],
+    batch_size: int,
+    *,
+    hq_token_only: bool = True,
+    predictions: list | None = None,
+) -> tuple[dict[str, list], list[str], int]:
+    """Per-sample metrics of sample rows (evaluation.evaluate_batch), each sample's source, and how
+    many rows could not be loaded. With `predictions` (and a RecordingRefiner), each sample with
+    COCO ids adds {image_id, category_id, segmentation (RLE of the HQ mask), score, mask}."""
+    per_sample: dict[str, list] = defaultdict(list)
+    sources: list[str] = []
+    skipped = 0
+    for start in range(0, len(rows), batch_size):
+        samples = []
+        for row in rows[start : start + batch_size]:
+            try:
+                samples.append(load_sample(row))
+            except SampleError as error:
+                log.warning("evaluation: skipping %s: %s", row.get("key"), error)
+                skipped += 1
+        if not samples:
+            continue
+        if isinstance(refiner, RecordingRefiner):
+            refiner.last = {}
+        result = evaluate_batch(
+            refiner,
+            [s["image"] for s in samples],
+            [s["mask"] for s in samples],
+            [s["original"] for s in samples],  # always given: the keys stay aligned across batches
+            hq_token_only=hq_token_only,
+        )
+        for key, values in result.items():
+            per_sample[key].extend(values)
+        sources.extend(s["source"] for s in samples)
+        if predictions is not None:
+            _collect(refiner, samples, hq_token_only, predictions)
+    return dict(per_sample), sources, skipped
+
+
+def _collect(refiner: BoxRefiner, samples: list[dict], hq_token_only: bool, predictions: list) -> None:
+    decoded = getattr(refiner, "last", {}).get(hq_token_only)
+    if decoded is None or len(decoded) != len(samples):
+        raise RuntimeError("COCO AP needs a RecordingRefiner whose decode evaluate_batch called")
+    for sample, refinement in zip(samples, decoded):
+        if sample.get("image_id") is None or sample.get("annotation_id") is None:
+            continue
+        mask = refinement.masks[0]
+        predictions.append(
+            {
+                "image_id": int(sample["image_id"]),
+                "category_id": int(sample["category_id"]) if sample.get("category_id") is not None else 1,
+                "segmentation": encode_rle(mask),
+                "score": float(refinement.scores[0]),
+                "annotation_id": int(sample["annotation_id"]),
+            }
+        )
+
+
+def summarize_by_source(per_sample: dict[str, list], sources: list[str]) -> dict:
+    """{"overall": pooled over all samples, "sources": {name: summary}, "samples": N}."""
+    aligned = {key: values for key, values in per_sample.items() if len(values) == len(sources)}
+    result: dict = {"overall": summarize(aligned) if sources else {}, "sources": {}, "samples": len(sources)}
+    for name in dict.fromkeys(sources):
+        index = [i for i, s in enumerate(sources) if s == name]
+        subset = {key: [values[i] for i in index] for key, values in aligned.items()}
+        result["sources"][name] = {**summarize(subset), "samples": len(index)}
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# COCO mask AP and Boundary AP
+
+
+def coco_ap(coco_data: dict, predictions: list[dict]) -> dict[str, float]:
+    """Mask AP / AP50 / AP75 and Boundary AP / AP50 / AP75 of predictions over the images they cover.
+
+    Boundary AP is COCOeval with each (prediction, non-crowd GT) pair scored by min(mask IoU,
+    Boundary IoU) (Cheng et al. 2021, dilation 2% of the image diagonal); crowd GTs keep COCO's
+    crowd IoU. Values are fractions in [0, 1] (COCOeval's -1 for "no GT" becomes None).
+    """
+    if not predictions:
+        return {}
+    image_ids = sorted({p["image_id"] for p in predictions})
+    ground_truth = COCO()
+    data = dict(coco_data)
+    data.setdefault("categories", [])
+    known = {c["id"] for c in data["categories"]}
+    data["categories"] = data["categories"] + [
+        {"id": c} for c in sorted({p["category_id"] for p in predictions} - known)
+    ]
+    for annotation in data.get("annotations", []):
+        annotation.setdefault("iscrowd", 0)
+        annotation.setdefault("area", 0)
+    ground_truth.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):
+        ground_truth.createIndex()
+        detections = ground_truth.loadRes(
+            [{k: p[k] for k in ("image_id", "category_id", "segmentation", "score")} for p in predictions]
+        )
+    result = {}
+    for name, evaluator_class in (("mask", COCOeval), ("boundary", BoundaryCOCOeval)):
+        evaluator = evaluator_class(ground_truth, detections, "segm")
+        evaluator.params.imgIds = image_ids
+        with contextlib.redirect_stdout(io.StringIO()):
+            evaluator.evaluate()
+            evaluator.accumulate()
+            evaluator.summarize()
+        for k, suffix in enumerate(("ap", "ap50", "ap75")):
+            value = float(evaluator.stats[k])
+            result[f"{name}_{suffix}"] = value if value >= 0 else None
+    return result
+
+
+class BoundaryCOCOeval(COCOeval):
+    """COCOeval whose pair score is min(mask IoU, Boundary IoU) for non-crowd GTs (Boundary AP)."""
+
+    def computeIoU(self, imgId, catId):  # noqa: N802, N803 (COCOeval's names)
+        ious = super().computeIoU(imgId, catId)
+        if len(ious) == 0:
+            return ious
+        params = self.params
+        if params.useCats:
+            gts, dts = self._gts[imgId, catId], self._dts[imgId, catId]
+        else:
+            gts = [g for c in params.catIds for g in self._gts[imgId, c]]
+            dts = [d for c in params.catIds for d in self._dts[imgId, c]]
+        order = np.argsort([-d["score"] for d in dts], kind="mergesort")  # COCOeval's order
+        dts = [dts[i] for i in order][: params.maxDets[-1]]
+        ious = np.array(ious, dtype=np.float64)
+        gt_masks = None
+        for i, dt in enumerate(dts):
+            # min(IoU, BIoU) is 0 where the masks do not overlap: Boundary IoU only where they do
+            columns = [j for j, g in enumerate(gts) if not g["iscrowd"] and ious[i, j] > 0]
+            if not columns:
+                continue
+            if gt_masks is None:
+                gt_masks = mask_utils.decode([g["segmentation"] for g in gts]).transpose(2, 0, 1).astype(bool)
+            dt_mask = mask_utils.decode(dt["segmentation"]).astype(bool)
+            pairs = gt_masks[columns]
+            boundary = boundary_iou_batch(np.broadcast_to(dt_mask, pairs.shape), pairs)
+            ious[i, columns] = np.minimum(ious[i, columns], boundary)
+        return ious
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+
+
+def run_evaluate(config: EvaluateConfig) -> dict:
+    """Evaluate every source; returns the report (also written to config.out as JSON)."""
+    started = time.time()
+    sources = [parse_source(text) for text in config.data]
+    model = build_hqsam(config.model, config.checkpoint, config.hq_head)
+    refiner = RecordingRefiner(model, config.device)
+    report: dict = {"sources": {}, "overall": {}}
+    pooled: dict[str, list] = defaultdict(list)
+    pooled_sources: list[str] = []
+    skipped_total = 0
+    for source in sources:
+        rows = source_rows(source, min_score=config.min_score).to_pylist()
+        if config.limit is not None:
+            rows = rows[: config.limit]
+        predictions: list | None = [] if source.kind == "coco" else None
+        with torch.inference_mode():
+            per_sample, names, skipped = evaluate_rows(
+                refiner, rows, config.batch_size, hq_token_only=config.hq_token_only, predictions=predictions
+            )
+        skipped_total += skipped
+        summary = summarize_by_source(per_sample, names)
+        entry = {**summary["overall"], "samples": len(names), "skipped": skipped, "kind": source.kind}
+        if predictions:
+            entry.update(coco_ap(_coco_data(source), predictions))
+        report["sources"][source.text or source.uri] = entry
+        for key, values in per_sample.items():
+            if len(values) == len(names):
+                pooled[key].extend(values)
+        pooled_sources.extend(names)
+    report["overall"] = {**summarize_by_source(dict(pooled), pooled_sources)["overall"]}
+    report["overall"]["samples"] = len(pooled_sources)
+    report["overall"]["skipped"] = skipped_total
+    per_source = [entry for entry in report["sources"].values() if entry["samples"]]
+    report["mean_of_sources"] = {
+        key: float(np.mean([entry[key] for entry in per_source if key in entry]))
+        for _, key in METRIC_COLUMNS[:6]
+        if any(key in entry for entry in per_source)
+    }
+    report["settings"] = {k: v for k, v in asdict(config).items() if k not in ("out", "extra")}
+    report["protocol"] = (
+        "GT tight box prompt; longest side resized to 1024; logits upsampled to the GT size; threshold 0; "
+        f"HQ mask = {'HQ-only output' if config.hq_token_only else 'SAM + HQ output'}; per-sample means"
+    )
+    report["wall_time_s"] = round(time.time() - started, 3)
+    _write_json(config.out, report)
+    return report
+
+
+def _coco_data(source: Source) -> dict:
+    return load_json(storage.read_bytes(source.uri))
+
+
+def format_table(report: dict) -> str:
+    """A small fixed-width table: one line per source, then overall."""
+    lines = [(name, entry) for name, entry in report["sources"].items()] + [("overall", report["overall"])]
+    shown = [(label, key) for label, key in METRIC_COLUMNS if any(key in e for _, e in lines)]
+    width = max(12, *(len(_short(n)) for n, _ in lines))
+    header = f"{'source':<{width}}  {'n':>5}  " + "  ".join(f"{label:>10}" for label, _ in shown)
+    rows = [header, "-" * len(header)]
+    for name, entry in lines:
+        cells = "  ".join(f"{_percent(entry.get(key)):>10}" for _, key in shown)
+        rows.append(f"{_short(name):<{width}}  {entry.get('samples', 0):>5}  {cells}")
+    return "\n".join(rows)
+
+
+def _short(name: str) -> str:
+    return name if len(name) <= 40 else "..." + name[-37:]
+
+
+def _percent(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{100 * value:.1f}"
+
+
+def _write_json(uri: str, payload: dict) -> None:
+    fs, path = storage.url_to_fs(uri)
+    data = json.dumps(payload, indent=2, default=_plain).encode()
+    if storage.is_local(fs):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        temp = f"{path}.tmp"
+        with open(temp, "wb") as handle:
+            handle.write(data)
+        os.replace(temp, path)
+    else:
+        with fs.open(path, "wb") as handle:
+            handle.write(data)
+
+
+def _plain(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
