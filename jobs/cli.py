@@ -150,6 +150,19 @@ def refine(
         "--box-source",
         help="Prompt from the COCO bbox, or from the tight box of the existing segmentation.",
     ),
+    precision: str | None = typer.Option(
+        None, "--precision", help="fp32, bf16 or fp16 for the model (default: bf16 on CUDA, fp32 on CPU)."
+    ),
+    compile: bool = typer.Option(
+        False, "--compile", help="torch.compile the decoder; the first batch pays for it."
+    ),
+    crop_zoom: float | None = typer.Option(
+        None,
+        "--crop-zoom",
+        min=0.0,
+        max=1.0,
+        help="Refine boxes whose long side is under this share of the image's on a zoomed crop (e.g. 0.25).",
+    ),
     max_prompts: int = typer.Option(
         64, "--max-prompts", min=1, help="Boxes per decoder call: bounds decoder memory."
     ),
@@ -193,6 +206,8 @@ def refine(
         fail(f"--format must be parquet or coco, not {format!r}")
     if box_source not in ("bbox", "segmentation"):
         fail(f"--box-source must be bbox or segmentation, not {box_source!r}")
+    if precision not in (None, "fp32", "bf16", "fp16"):
+        fail(f"--precision must be fp32, bf16 or fp16, not {precision!r}")
     if resume and overwrite:
         fail("--resume and --overwrite exclude each other")
     min_actors, max_actors = parse_actors(actors)
@@ -208,6 +223,9 @@ def refine(
         box_source=box_source,
         max_prompts=max_prompts,
         torch_threads=threads,
+        precision=precision,
+        compile=compile,
+        crop_zoom=crop_zoom,
         images_per_file=images_per_file,
     )
     config = RefineConfig(

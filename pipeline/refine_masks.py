@@ -26,11 +26,17 @@ class RefineMasks:
         max_prompts: int = 64,
         hq_token_only: bool = False,
         torch_threads: int | None = None,
+        precision: str | None = None,
+        compile: bool = False,  # noqa: A002 - mirrors BoxRefiner's option
+        crop_zoom: float | None = None,
     ) -> None:
         if torch_threads:
             torch.set_num_threads(torch_threads)
         model = build_hqsam(variant, checkpoint, hq_head)
-        self.refiner = BoxRefiner(model, device, max_prompts=max_prompts)
+        self.refiner = BoxRefiner(
+            model, device, max_prompts=max_prompts, precision=precision, compile=compile
+        )
+        self.crop_zoom = crop_zoom
         self.hq_token_only = hq_token_only
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -72,7 +78,7 @@ class RefineMasks:
         boxes = [
             np.asarray(batch["prompts"][i], np.float32)[[s == PENDING for s in statuses[i]]] for i in indexes
         ]
-        return self.refiner.refine(images, boxes, hq_token_only=self.hq_token_only)
+        return self.refiner.refine(images, boxes, hq_token_only=self.hq_token_only, crop_zoom=self.crop_zoom)
 
 
 def _objects(rows: list) -> np.ndarray:

@@ -31,6 +31,9 @@ class RefineSettings:
     box_source: str = "bbox"
     max_prompts: int = 64
     torch_threads: int | None = None  # CPU actors: threads per actor
+    precision: str | None = None  # fp32 | bf16 | fp16; None: bf16 on CUDA, fp32 on CPU
+    compile: bool = False  # torch.compile the decoder (first batch pays the compile)
+    crop_zoom: float | None = None  # refine boxes smaller than this share of the image on a zoomed crop
     images_per_file: int = 512
 
 
@@ -49,6 +52,9 @@ def build_refine_dataset(tasks: pa.Table, out: str, settings: RefineSettings) ->
                 "max_prompts": settings.max_prompts,
                 "hq_token_only": settings.hq_token_only,
                 "torch_threads": settings.torch_threads,
+                "precision": settings.precision,
+                "compile": settings.compile,
+                "crop_zoom": settings.crop_zoom,
             },
             batch_size=settings.batch_size,
             batch_format="numpy",
