@@ -42,11 +42,26 @@ W, H = 64, 48  # generated images
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Random vit_tiny weights; seed 5 gives masks neither empty nor full on the small generated
-    images, and different masks for different boxes (many seeds fill every 64x48 image)."""
-    path = tmp_path_factory.mktemp("ckpt") / "tiny_seed5.pth"
-    save_model(randomize_(build_hqsam("vit_tiny"), seed=5), str(path))
-    return path
+    """Random vit_tiny weights whose masks are neither empty nor full on the small generated images
+    and differ between the triangle's tight box and its bbox (many seeds fill every 64x48 image).
+
+    The weights are picked by the bare refiner, so the tests below can tell prompts apart.
+    """
+    tight, box = [6, 4, 40, 35], xyxy([20, 20, 30, 20])  # the tight box of the triangle used below
+    images = [texture(H, W, 30 + i) for i in range(3)]
+    for seed in range(5, 40):
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)  # the prompt encoder's random Fourier features are drawn at build
+            model = randomize_(build_hqsam("vit_tiny"), seed=seed)
+        refiner = BoxRefiner(model, "cpu")
+        plain = refiner.refine(images, [np.array([box], np.float32)] * 3)
+        (by_tight,) = refiner.refine(images[:1], [np.array([tight], np.float32)])
+        fractions = [result.masks.mean() for result in plain]
+        if all(0.02 < f < 0.98 for f in fractions) and not np.array_equal(by_tight.masks, plain[0].masks):
+            path = tmp_path_factory.mktemp("ckpt") / f"tiny_seed{seed}.pth"
+            save_model(model, str(path))
+            return path
+    raise AssertionError("no seed in 5..39 gives discriminative masks")
 
 
 @pytest.fixture(scope="module")
