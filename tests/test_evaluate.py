@@ -49,7 +49,9 @@ def predictions_from(coco: dict, masks: dict[int, np.ndarray]) -> list[dict]:
     ]
 
 
-@pytest.mark.xfail(reason="issue 5 is unfinished: this check still fails (see the closing note)", strict=False)
+@pytest.mark.xfail(
+    reason="issue 5 is unfinished: this check still fails (see the closing note)", strict=False
+)
 def test_ap_of_the_ground_truth_itself_is_one() -> None:
     coco = labelme_coco()
     result = coco_ap(coco, predictions_from(coco, gt_masks(coco)))

@@ -257,7 +257,9 @@ def smoke_run(ray_session, tiny_checkpoint: Path, thin_pair: Path, val_pair: Pat
     return out, run_train(config, progress=False)
 
 
-@pytest.mark.xfail(reason="issue 5 is unfinished: this check still fails (see the closing note)", strict=False)
+@pytest.mark.xfail(
+    reason="issue 5 is unfinished: this check still fails (see the closing note)", strict=False
+)
 def test_smoke_run_reports_loss_validation_and_checkpoints(
     smoke_run, thin_pair: Path, val_pair: Path
 ) -> None:
