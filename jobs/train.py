@@ -549,7 +549,7 @@ def _read_state(checkpoint_uri: str, filesystem) -> dict:
         data = storage.read_bytes(posixpath.join(checkpoint_uri, STATE_FILE))
     import io
 
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
 __all__ = [
