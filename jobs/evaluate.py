@@ -169,9 +169,12 @@ def coco_ap(coco_data: dict, predictions: list[dict]) -> dict[str, float]:
     data["categories"] = data["categories"] + [
         {"id": c} for c in sorted({p["category_id"] for p in predictions} - known)
     ]
-    for annotation in data.get("annotations", []):
-        annotation.setdefault("iscrowd", 0)
-        annotation.setdefault("area", 0)
+    # COCOeval records a match as the matched GT's id and reads id 0 as "no match": renumber the
+    # annotations from 1 (their ids do not enter the metric; files such as labelme's start at 0).
+    data["annotations"] = [
+        {"iscrowd": 0, "area": 0, **annotation, "id": k + 1}
+        for k, annotation in enumerate(data.get("annotations", []))
+    ]
     ground_truth.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):
         ground_truth.createIndex()
