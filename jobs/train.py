@@ -11,6 +11,7 @@ end `hq_head.pth`, `model.pth` and `metrics.json`. Running the same command agai
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -127,7 +128,23 @@ def make_optimizer(params, lr: float, lr_drop_epoch: int):
 def load_base(config: dict) -> torch.nn.Module:
     """BASE with its HQ head (or `hq_head`, or a fresh seeded head for a plain SAM BASE)."""
     torch.manual_seed(config["seed"])  # the fresh HQ head of a plain SAM base is the same everywhere
-    return build_hqsam(config["model"], config["checkpoint"], config["hq_head"], allow_random_hq_head=True)
+    with _fresh_head_expected():
+        return build_hqsam(
+            config["model"], config["checkpoint"], config["hq_head"], allow_random_hq_head=True
+        )
+
+
+@contextlib.contextmanager
+def _fresh_head_expected():
+    """build_hqsam warns that a plain SAM checkpoint leaves the HQ head random ("testing only"):
+    for training that head is the one to train, so the warning is not shown."""
+    build_log = logging.getLogger("hqsam_core.build")
+    level = build_log.level
+    build_log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        build_log.setLevel(level)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,10 +284,11 @@ def train_loop(config: dict) -> None:
         for index, samples in enumerate(batches):
             if index < skip:
                 continue  # resumed mid-epoch: these steps were done before the checkpoint
-            values = train_step(net, sam, optimizer, samples, encoder_autocast=autocast).cpu().double()
-            if world > 1:
+            values = train_step(net, sam, optimizer, samples, encoder_autocast=autocast)
+            if world > 1:  # on the step's device: NCCL reduces GPU tensors only
                 torch.distributed.all_reduce(values)
                 values /= world
+            values = values.cpu().double()
             for k in range(3):
                 totals[k] += float(values[k])
             totals[3] += 1
@@ -356,11 +374,20 @@ def run_train(config: TrainConfig, *, progress: bool = True) -> dict:
             f"{rows.num_rows} training samples are fewer than one step needs "
             f"({config.workers} workers x batch size {config.batch_size})"
         )
-    check_checkpoint(config.model, config.checkpoint, config.hq_head, allow_random_hq_head=True)
+    with _fresh_head_expected():
+        check_checkpoint(config.model, config.checkpoint, config.hq_head, allow_random_hq_head=True)
     _record_config(config)
 
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=progress, configure_logging=False)
+        # A local Ray of our own: workers that reserve every CPU would leave none to decode data
+        # and the run would wait forever; say so now. (A cluster may still be scaling up.)
+        free = ray.cluster_resources().get("CPU", 0) - config.workers * config.cpus_per_worker
+        if free < 1:
+            raise TrainError(
+                f"{config.workers} workers x {config.cpus_per_worker:g} CPUs leave {max(free, 0):g} of this "
+                "machine's CPUs for reading data; lower --workers or --cpus-per-worker"
+            )
     # Ray Data's bars would interleave with the workers' loss lines; those are the progress shown.
     ray.data.DataContext.get_current().enable_progress_bars = False
     dataset = build_dataset(rows)
@@ -399,11 +426,12 @@ def run_train(config: TrainConfig, *, progress: bool = True) -> dict:
         config.workers,
     )
     result = trainer.fit()
-    if result.checkpoint is None:
-        raise TrainError(f"the run in {config.out} produced no checkpoint")
-    summary = export_run(
-        config.out, checkpoint_uri=result.checkpoint.path, filesystem=result.checkpoint.filesystem
-    )
+    if result.checkpoint is not None:
+        summary = export_run(
+            config.out, checkpoint_uri=result.checkpoint.path, filesystem=result.checkpoint.filesystem
+        )
+    else:  # a finished run started again trains nothing and reports nothing: export its last one
+        summary = export_run(config.out)
     summary.update(
         samples_per_epoch=rows.num_rows,
         samples_per_source=counts,

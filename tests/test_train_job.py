@@ -8,6 +8,7 @@ the exports load strictly into the official package and keep SAM's weights bit f
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -257,9 +258,6 @@ def smoke_run(ray_session, tiny_checkpoint: Path, thin_pair: Path, val_pair: Pat
     return out, run_train(config, progress=False)
 
 
-@pytest.mark.xfail(
-    reason="issue 5 is unfinished: this check still fails (see the closing note)", strict=False
-)
 def test_smoke_run_reports_loss_validation_and_checkpoints(
     smoke_run, thin_pair: Path, val_pair: Path
 ) -> None:
@@ -278,7 +276,7 @@ def test_smoke_run_reports_loss_validation_and_checkpoints(
     assert all(0.0 <= v <= 1.0 for v in val["overall"].values())
     assert list(val["sources"]) == [str(val_pair)]
     # checkpoints after steps 2 and 3; --keep-checkpoints 2 keeps both, nothing older exists
-    assert sorted(p.name for p in out.glob("checkpoint_*")) == ["checkpoint_00000002", "checkpoint_00000003"]
+    assert sorted(p.name for p in out.glob("checkpoint_0*")) == ["checkpoint_00000002", "checkpoint_00000003"]
 
 
 def test_exports_load_strictly_in_the_official_package_and_ours(smoke_run, tiny_checkpoint: Path) -> None:
@@ -379,26 +377,40 @@ def kill_session(process: subprocess.Popen) -> None:
     assert not session_members(process.pid)
 
 
-def registered_steps(out: Path) -> list[int]:
-    """Steps of the checkpoints Ray Train has registered in OUT (its snapshot lists them)."""
-    snapshot = out / "checkpoint_manager_snapshot.json"
-    if not snapshot.exists():
+def registered_steps(fs, out: str) -> list[int]:
+    """Steps of the checkpoints Ray Train has registered in OUT (its snapshot names them)."""
+    fs.invalidate_cache()
+    snapshot = f"{out}/checkpoint_manager_snapshot.json"
+    if not fs.exists(snapshot):
         return []
+    text = fs.cat(snapshot).decode()
     steps = []
-    for folder in out.glob("checkpoint_*"):
-        if folder.name in snapshot.read_text() and (folder / "progress.json").exists():
-            steps.append(json.loads((folder / "progress.json").read_text())["global_step"])
+    for progress in fs.glob(f"{out}/checkpoint_*/progress.json"):
+        if progress.split("/")[-2] in text:
+            steps.append(json.loads(fs.cat(progress))["global_step"])
     return sorted(steps)
 
 
-@pytest.mark.xfail(
-    reason="issue 5 is unfinished: this check still fails (see the closing note)", strict=False
-)
-def test_killed_run_resumes_from_its_last_checkpoint(
-    tiny_checkpoint: Path, thin_pair: Path, tmp_path
+def test_killed_run_resumes_from_its_last_checkpoint_on_s3(
+    s3_bucket: str, tiny_checkpoint: Path, thin_pair: Path, tmp_path
 ) -> None:
-    out = tmp_path / "run"
-    command = [sys.executable, "-m", "jobs.cli", "train", "--data", str(thin_pair), "--out", str(out)]
+    """Data and OUT on S3; `hqsam train` SIGKILLed (with its Ray) after its first checkpoint; the
+    same command again continues from the last checkpoint and ends at --max-steps."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    fs.put(str(thin_pair), f"{s3_bucket}/pair", recursive=True)
+    out = f"{s3_bucket}/runs/resume"
+    command = [
+        sys.executable,
+        "-m",
+        "jobs.cli",
+        "train",
+        "--data",
+        f"s3://{s3_bucket}/pair",
+        "--out",
+        f"s3://{out}",
+    ]
     command += [
         "--checkpoint",
         str(tiny_checkpoint),
@@ -410,7 +422,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(
         "1",
     ]
     command += ["--cpus-per-worker", "0.5", "--max-steps", "4", "--checkpoint-every", "1", "--no-progress"]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # AWS_* point at the local S3
     env["RAY_AUTH_MODE"] = "disabled"
     log = tmp_path / "killed.log"
     with open(log, "wb") as sink:
@@ -418,27 +430,29 @@ def test_killed_run_resumes_from_its_last_checkpoint(
             command, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
         )
     try:
-        deadline = time.monotonic() + 500
-        while not registered_steps(out):
+        deadline = time.monotonic() + 600
+        while not registered_steps(fs, out):
             assert process.poll() is None, (
                 f"the run ended before its first checkpoint:\n{log.read_text()[-3000:]}"
             )
-            assert time.monotonic() < deadline, "no checkpoint after 500 s"
-            time.sleep(0.05)
+            assert time.monotonic() < deadline, "no checkpoint after 600 s"
+            time.sleep(0.5)
         assert process.poll() is None, "the run finished before the kill"
     finally:
         kill_session(process)
-    first = registered_steps(out)[-1]
+    first = registered_steps(fs, out)[-1]
     assert 1 <= first < 4
-    assert not (out / "metrics.json").exists() and not (out / "model.pth").exists()
+    assert not fs.exists(f"{out}/metrics.json") and not fs.exists(f"{out}/model.pth")
 
-    rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     assert "trained 4 steps" in rerun.stdout
-    metrics = json.loads((out / "metrics.json").read_text())
-    # the second run started at the checkpoint's step (possibly a later one, written before the kill
-    # landed) and trained only the remaining steps: the count continues, it does not restart
-    assert metrics["global_step"] == 4
-    assert metrics["starts"][0] == 0 and len(metrics["starts"]) == 2 and first <= metrics["starts"][1] < 4
-    assert metrics["epochs"][-1]["steps"] == 4  # the epoch's loss covers the steps of both runs
-    assert registered_steps(out)[-1] == 4
+    metrics = json.loads(fs.cat(f"{out}/metrics.json"))
+    # The second run began at the last registered checkpoint and trained only the remaining
+    # steps: the step count continues, it does not restart.
+    assert metrics["global_step"] == 4 and metrics["starts"] == [0, first]
+    assert sum(epoch["steps"] for epoch in metrics["epochs"]) == 4  # 3 steps per epoch: 3 + 1
+    assert [epoch["epoch"] for epoch in metrics["epochs"]] == [1, 2]
+    assert registered_steps(fs, out)[-1] == 4
+    head = torch.load(io.BytesIO(fs.cat(f"{out}/hq_head.pth")), weights_only=True)
+    assert head and all(is_hq_key(key) for key in head)
