@@ -8,16 +8,11 @@ subprocess per repeat (so peak RSS is that of a driver doing only this):
     read_manifest(path)                        -> the per-image Arrow task table
     ray.init(num_cpus=2, ...)                  -> a local Ray, object store 2 GiB
     build_refine_dataset(tasks, ...)           -> ray.data.from_arrow of the sliced table (eager
-                                                  puts of every block) plus the lazy stages
+                                                  puts of every block, at most MAX_SOURCE_BLOCKS)
+                                                  plus the lazy stages
 
 and the subprocess's peak RSS (resource.getrusage ru_maxrss). Spec targets (issue 4, section 2):
 the file becomes pipeline input within 60 s and 6 GB of driver memory.
-
-A second variant, "proposed" (interleaved with the first; --no-proposed skips it), replaces only
-the dataset creation with the change this benchmark proposes for build_refine_dataset:
-ray.data.from_blocks of the same 8-row slices. ray.data.from_arrow puts every block from the
-driver AND runs one remote metadata task per block (~14,700 of each for COCO train);
-from_blocks does the puts but computes the metadata in the driver.
 
     .venv/bin/python benchmarks/manifest.py --json benchmarks/results/manifest_coco_train_size.json
 
@@ -241,13 +236,8 @@ def _crowd_rle(rng, height, width, cx, cy, rx, ry):
 # ----------------------------------------------------------------------------- measuring (subprocess)
 
 
-def measure(path: str, variant: str = "current") -> dict:
-    """In this (fresh) process: read the manifest, start Ray, build the dataset; times and memory.
-
-    `variant` "current" calls pipeline.refine_pipeline.build_refine_dataset as it is. "proposed"
-    builds only its source the way this benchmark proposes (see PROPOSED_SOURCE): a few large
-    blocks put by the driver, split into the same small blocks by a streaming repartition.
-    """
+def measure(path: str) -> dict:
+    """In this (fresh) process: read the manifest, start Ray, build the dataset; times and memory."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     marks: dict[str, float] = {}
     rss: dict[str, int] = {}
@@ -255,7 +245,7 @@ def measure(path: str, variant: str = "current") -> dict:
     import ray
 
     from pipeline.manifest import read_manifest
-    from pipeline.refine_pipeline import RefineSettings, build_refine_dataset
+    from pipeline.refine_pipeline import RefineSettings, build_refine_dataset, source_blocks
 
     marks["import_s"] = time.perf_counter() - t0
     rss["after_import"] = _status_kb("VmRSS")
@@ -280,11 +270,8 @@ def measure(path: str, variant: str = "current") -> dict:
 
     t, cpu = time.perf_counter(), time.process_time()
     settings = RefineSettings("vit_tiny", "sam_hq_vit_tiny", None, "cpu")
-    if variant == "current":
-        with tempfile.TemporaryDirectory(prefix="hqsam-manifest-bench-") as out:
-            dataset = build_refine_dataset(manifest.tasks, out, settings)
-    else:
-        dataset = proposed_source(manifest.tasks, max(settings.batch_size, 8))
+    with tempfile.TemporaryDirectory(prefix="hqsam-manifest-bench-") as out:
+        dataset = build_refine_dataset(manifest.tasks, out, settings)
     marks["build_dataset_s"] = time.perf_counter() - t
     marks["build_dataset_driver_cpu_s"] = time.process_time() - cpu
     marks["read_to_dataset_s"] = marks["read_manifest_s"] + marks["ray_init_s"] + marks["build_dataset_s"]
@@ -293,33 +280,17 @@ def measure(path: str, variant: str = "current") -> dict:
     rss["shmem_after_dataset"] = _status_kb("RssShmem")
     del dataset
     result = {
-        "variant": variant,
         **marks,
         "task_rows": manifest.tasks.num_rows,
         "annotations_total": manifest.annotations_total,
         "task_table_bytes": manifest.tasks.nbytes,
-        "dataset_blocks": -(-manifest.tasks.num_rows // max(settings.batch_size, 8)),
+        "dataset_blocks": len(source_blocks(manifest.tasks, settings.batch_size)),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "rss_kib": rss,
         "load_average_1min": [load_start, os.getloadavg()[0]],  # at read_manifest start and at the end
     }
     ray.shutdown()
     return result
-
-
-PROPOSED_SOURCE = (
-    "ray.data.from_blocks(<the same 8-row slices>) instead of ray.data.from_arrow: the same blocks, "
-    "puts and lazy stages, but block metadata computed in the driver instead of one remote "
-    "get_table_block_metadata_schema task per block (~14,700 tasks for COCO train)"
-)
-
-
-def proposed_source(tasks, block_rows: int):
-    """The source build_refine_dataset would get with the proposed change (stages left out: lazy)."""
-    import ray
-
-    blocks = [tasks.slice(start, block_rows) for start in range(0, tasks.num_rows, block_rows)]
-    return ray.data.from_blocks(blocks or [tasks])
 
 
 def _status_kb(field: str) -> int:
@@ -330,15 +301,15 @@ def _status_kb(field: str) -> int:
     return -1
 
 
-def run_measurement(path: Path, variant: str = "current") -> dict:
+def run_measurement(path: Path) -> dict:
     code = (
         "import json, sys; sys.path.insert(0, sys.argv[1]);"
         "from benchmarks.manifest import measure;"
-        "print('RESULT ' + json.dumps(measure(sys.argv[2], sys.argv[3])))"
+        "print('RESULT ' + json.dumps(measure(sys.argv[2])))"
     )
     started = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-c", code, str(ROOT), str(path), variant],
+        [sys.executable, "-c", code, str(ROOT), str(path)],
         capture_output=True,
         text=True,
         check=False,
@@ -392,9 +363,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--annotations", type=int, default=ANNOTATIONS)
     parser.add_argument("--repeats", type=int, default=3, help="fresh measurement subprocesses")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--no-proposed", dest="proposed", action="store_false", help="skip the proposed-source variant"
-    )
     parser.add_argument("--json", type=Path, default=None, help="write the raw results here")
     args = parser.parse_args(argv)
     if args.images < 1 or args.annotations < 1 or args.repeats < 1:
@@ -410,17 +378,15 @@ def main(argv: list[str] | None = None) -> dict:
             generated = generate(path, images=args.images, annotations=args.annotations, seed=args.seed)
             generated["generate_s"] = time.perf_counter() - started
         print(f"COCO file {path}: {generated['bytes'] / 1e6:.1f} MB {generated}", flush=True)
-        variants = ["current"] + (["proposed"] if args.proposed else [])
-        runs: dict[str, list[dict]] = {variant: [] for variant in variants}
+        runs = []
         for repeat in range(args.repeats):
-            for variant in variants:  # interleaved, so that drift in machine load hits both alike
-                run = run_measurement(path, variant)
-                runs[variant].append(run)
-                print(
-                    f"  {variant} run {repeat + 1}: read {run['read_manifest_s']:.1f} s, to dataset "
-                    f"{run['read_to_dataset_s']:.1f} s, peak RSS {run['peak_rss_bytes'] / 1e9:.2f} GB",
-                    flush=True,
-                )
+            run = run_measurement(path)
+            runs.append(run)
+            print(
+                f"  run {repeat + 1}: read {run['read_manifest_s']:.1f} s, to dataset "
+                f"{run['read_to_dataset_s']:.1f} s, peak RSS {run['peak_rss_bytes'] / 1e9:.2f} GB",
+                flush=True,
+            )
 
     keys = (
         "import_s",
@@ -431,25 +397,17 @@ def main(argv: list[str] | None = None) -> dict:
         "read_to_dataset_s",
         "total_s",
     )
-    medians = {}
-    for variant, variant_runs in runs.items():
-        medians[variant] = {key: statistics.median(run[key] for run in variant_runs) for key in keys}
-        medians[variant]["peak_rss_bytes"] = statistics.median(run["peak_rss_bytes"] for run in variant_runs)
-    current = medians["current"]
+    median = {key: statistics.median(run[key] for run in runs) for key in (*keys, "peak_rss_bytes")}
     result = {
         "benchmark": "COCO-train-sized instances file -> read_manifest -> Ray dataset (build_refine_dataset)",
         "machine": machine(),
         "versions": versions(),
         "file": generated,
         "targets": {"read_to_dataset_s": TARGET_MB[0], "peak_rss_gb": TARGET_MB[1]},
-        "variants": {
-            "current": "pipeline.refine_pipeline.build_refine_dataset as it is",
-            "proposed": PROPOSED_SOURCE,
-        },
         "runs": runs,
-        "median": medians,
-        "meets_targets": current["read_to_dataset_s"] <= TARGET_MB[0]
-        and current["peak_rss_bytes"] <= TARGET_MB[1] * 1e9,
+        "median": median,
+        "meets_targets": median["read_to_dataset_s"] <= TARGET_MB[0]
+        and median["peak_rss_bytes"] <= TARGET_MB[1] * 1e9,
     }
     print_table(result)
     if args.json is not None:
@@ -460,14 +418,13 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def print_table(r: dict) -> None:
-    f, t = r["file"], r["targets"]
-    first = r["runs"]["current"][0]
-    variants = list(r["median"])
+    f, t, m = r["file"], r["targets"], r["median"]
+    first = r["runs"][0]
     print(
         f"\n{f['bytes'] / 1e6:.0f} MB COCO file, {first['task_rows']:,} task rows, "
-        f"{first['annotations_total']:,} annotations; {r['machine']['cpu_model']}, "
-        f"{r['machine']['cores']} cores, {r['machine']['ram_gib']} GiB RAM; "
-        f"median of {len(r['runs']['current'])} fresh processes per variant"
+        f"{first['annotations_total']:,} annotations, {first['dataset_blocks']:,} dataset blocks; "
+        f"{r['machine']['cpu_model']}, {r['machine']['cores']} cores, {r['machine']['ram_gib']} GiB RAM; "
+        f"median of {len(r['runs'])} fresh processes"
     )
     rows = [
         ("import ray + pipeline", "import_s", ""),
@@ -478,17 +435,12 @@ def print_table(r: dict) -> None:
         ("read -> dataset (excl. imports)", "read_to_dataset_s", f"target <= {t['read_to_dataset_s']:.0f} s"),
         ("whole driver (incl. imports)", "total_s", ""),
     ]
-    print(f"{'step':38}" + "".join(f" {v + ' s':>12}" for v in variants))
     for name, key, note in rows:
-        print(f"{name:38}" + "".join(f" {r['median'][v][key]:12.1f}" for v in variants) + f"  {note}")
+        print(f"{name:38} {m[key]:8.1f} s  {note}")
     print(
-        f"{'peak driver RSS (ru_maxrss), GB':38}"
-        + "".join(f" {r['median'][v]['peak_rss_bytes'] / 1e9:12.2f}" for v in variants)
-        + f"  target <= {t['peak_rss_gb']:.0f} GB"
+        f"{'peak driver RSS (ru_maxrss)':38} {m['peak_rss_bytes'] / 1e9:8.2f} GB  target <= {t['peak_rss_gb']:.0f} GB"
     )
-    print(f"current meets targets: {r['meets_targets']}")
-    if "proposed" in r["median"]:
-        print(f"proposed: {r['variants']['proposed']}")
+    print(f"meets targets: {r['meets_targets']}")
 
 
 if __name__ == "__main__":
