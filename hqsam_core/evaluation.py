@@ -12,11 +12,11 @@ Boundary IoU (d = 2% of the diagonal) against the GT; per-image means (`summariz
   the HQ sets (DIS5K-VD, COIFT, HRSOD, ThinObject5K-TE; the paper's mIoU/mBIoU) calls the decoder with
   hq_token_only=False but scores its second return value, the HQ token's mask alone. Its demos use
   SAM + HQ (hq_token_only=False) for COCO-style multi-object data: pass `hq_token_only=False` there.
-- `resize="longest"` (default, the BoxRefiner path used by `hqsam refine`): longest side to 1024,
-  aspect kept, box in original pixels; logits upsampled to 1024, padding cropped, resized to the GT.
-  `resize="square"` reproduces the official evaluation loader exactly: image squashed to 1024x1024
-  (bilinear, truncated to uint8), box from the GT squashed the same way (> 128 of 255), 256x256
-  logits resized straight to the GT size.
+- `resize="square"` (default) reproduces the official evaluation loader exactly: image squashed to
+  1024x1024 (bilinear, truncated to uint8), box from the GT squashed the same way (> 128 of 255),
+  256x256 logits resized straight to the GT size. `resize="longest"` is the BoxRefiner path that
+  `hqsam refine` uses: longest side to 1024, aspect kept, box in original pixels; logits upsampled
+  to 1024, padding cropped, resized to the GT.
 - Boxes are the official `masks_to_boxes`: inclusive pixel indices (see `training.tight_box`). An
   empty GT gets the box (0, 0, 0, 0); its scores are 1.0 for an empty prediction and 0.0 otherwise.
 """
@@ -116,7 +116,8 @@ def evaluate_batch(
     originals: list[np.ndarray | None] | None = None,
     *,
     hq_token_only: bool = True,
-    resize: str = "longest",
+    resize: str = "square",
+    hq_masks_out: list[np.ndarray] | None = None,
 ) -> dict[str, list[float | None]]:
     """Score SAM's and HQ-SAM's masks (and optional original annotations) against one GT per image.
 
@@ -125,7 +126,8 @@ def evaluate_batch(
     given, {"original_iou", "original_biou"} with None where a sample has no original. Given a model
     (HQSam, or a DDP / HQTrainingModule wrapper of one), it runs in fp32 on the model's device with
     its attention modules as they are, and restores the model's train/eval mode afterwards; pass a
-    BoxRefiner to choose precision and attention (e.g. bf16 on CUDA). See the module docstring for the protocol.
+    BoxRefiner to choose precision and attention (e.g. bf16 on CUDA). `hq_masks_out`, when given, gets
+    the scored HQ masks (GT size) appended. See the module docstring for the protocol.
     """
     if resize not in RESIZE_MODES:
         raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
@@ -143,6 +145,8 @@ def evaluate_batch(
         finally:
             if model is not None:
                 model.train(was_training)
+        if hq_masks_out is not None:
+            hq_masks_out.extend(hq_masks)
         for name, predictions in (("sam", sam_masks), ("hq", hq_masks)):
             scores = score_masks(predictions, gts)
             results[f"{name}_iou"] = [s.iou for s in scores]

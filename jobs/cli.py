@@ -449,6 +449,12 @@ def evaluate(
         "--hq-token-only/--no-hq-token-only",
         help="Score the HQ-only output (the paper's HQ-set protocol) or SAM + HQ.",
     ),
+    resize: str = typer.Option(
+        "square",
+        "--resize",
+        help="square: images squashed to 1024x1024 as the official evaluation loader does (comparable "
+        "with the paper); longest: longest side to 1024, aspect kept, as `hqsam refine` runs.",
+    ),
     min_score: float | None = typer.Option(
         None, "--min-score", help="Refined-Parquet sources: keep rows whose score is at least this."
     ),
@@ -461,8 +467,8 @@ def evaluate(
 ) -> None:
     """mIoU and mBIoU of SAM's mask, the HQ mask and the original annotation, per source and overall.
 
-    Official protocol: GT tight box prompt, image resized to 1024, HQ mask upsampled to the GT size,
-    per-sample means. COCO sources also get mask AP and Boundary AP (COCOeval, min(mask IoU, Boundary
+    Official protocol: GT tight box prompt, image squashed to 1024x1024 (--resize), HQ mask upsampled
+    to the GT size, per-sample means. COCO sources also get mask AP and Boundary AP (COCOeval, min(mask IoU, Boundary
     IoU)). Prints a table (percent) and writes the JSON report (fractions).
     """
     submit_if_requested(address, detach, forward_env)
@@ -473,6 +479,8 @@ def evaluate(
 
     if model not in VARIANTS:
         fail(f"unknown --model {model!r}; choose one of {', '.join(VARIANTS)}")
+    if resize not in ("square", "longest"):
+        fail(f"unknown --resize {resize!r}; choose square or longest")
     config = EvaluateConfig(
         data=data,
         out=out,
@@ -482,6 +490,7 @@ def evaluate(
         device=device or default_device(),
         batch_size=batch_size,
         hq_token_only=hq_token_only,
+        resize=resize,
         min_score=min_score,
         limit=limit,
     )

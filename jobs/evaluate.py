@@ -56,6 +56,7 @@ class EvaluateConfig:
     device: str = "cpu"
     batch_size: int = 4
     hq_token_only: bool = True
+    resize: str = "square"  # hqsam_core.evaluation.RESIZE_MODES
     min_score: float | None = None
     limit: int | None = None  # samples per source
     extra: dict = field(default_factory=dict)
@@ -83,6 +84,7 @@ def evaluate_rows(
     batch_size: int,
     *,
     hq_token_only: bool = True,
+    resize: str = "square",
     predictions: list | None = None,
 ) -> tuple[dict[str, list], list[str], int]:
     """Per-sample metrics of sample rows (evaluation.evaluate_batch), each sample's source, and how
@@ -103,29 +105,33 @@ def evaluate_rows(
             continue
         if isinstance(refiner, RecordingRefiner):
             refiner.last = {}
+        hq_masks: list[np.ndarray] = []
         result = evaluate_batch(
             refiner,
             [s["image"] for s in samples],
             [s["mask"] for s in samples],
             [s["original"] for s in samples],  # always given: the keys stay aligned across batches
             hq_token_only=hq_token_only,
+            resize=resize,
+            hq_masks_out=hq_masks,
         )
         for key, values in result.items():
             per_sample[key].extend(values)
         sources.extend(s["source"] for s in samples)
         if predictions is not None:
-            _collect(refiner, samples, hq_token_only, predictions)
+            _collect(refiner, samples, hq_masks, hq_token_only, predictions)
     return dict(per_sample), sources, skipped
 
 
-def _collect(refiner: BoxRefiner, samples: list[dict], hq_token_only: bool, predictions: list) -> None:
+def _collect(
+    refiner: BoxRefiner, samples: list[dict], masks: list[np.ndarray], hq_token_only: bool, predictions: list
+) -> None:
     decoded = getattr(refiner, "last", {}).get(hq_token_only)
     if decoded is None or len(decoded) != len(samples):
         raise RuntimeError("COCO AP needs a RecordingRefiner whose decode evaluate_batch called")
-    for sample, refinement in zip(samples, decoded):
+    for sample, refinement, mask in zip(samples, decoded, masks):
         if sample.get("image_id") is None or sample.get("annotation_id") is None:
             continue
-        mask = refinement.masks[0]
         predictions.append(
             {
                 "image_id": int(sample["image_id"]),
@@ -247,7 +253,12 @@ def run_evaluate(config: EvaluateConfig) -> dict:
         predictions: list | None = [] if source.kind == "coco" else None
         with torch.inference_mode():
             per_sample, names, skipped = evaluate_rows(
-                refiner, rows, config.batch_size, hq_token_only=config.hq_token_only, predictions=predictions
+                refiner,
+                rows,
+                config.batch_size,
+                hq_token_only=config.hq_token_only,
+                resize=config.resize,
+                predictions=predictions,
             )
         skipped_total += skipped
         summary = summarize_by_source(per_sample, names)
@@ -270,7 +281,13 @@ def run_evaluate(config: EvaluateConfig) -> dict:
     }
     report["settings"] = {k: v for k, v in asdict(config).items() if k not in ("out", "extra")}
     report["protocol"] = (
-        "GT tight box prompt; longest side resized to 1024; logits upsampled to the GT size; threshold 0; "
+        "GT tight box prompt; "
+        + (
+            "image squashed to 1024x1024 (the official loader); "
+            if config.resize == "square"
+            else "longest side resized to 1024, aspect kept; "
+        )
+        + "logits upsampled to the GT size; threshold 0; "
         f"HQ mask = {'HQ-only output' if config.hq_token_only else 'SAM + HQ output'}; per-sample means"
     )
     report["wall_time_s"] = round(time.time() - started, 3)
