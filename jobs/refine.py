@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import time
@@ -102,7 +101,7 @@ def run_refine(config: RefineConfig, *, progress: bool = True) -> dict:
         "settings": asdict(settings),
     }
     summary["complete"] = written.num_rows == annotations_total
-    _write_json(f"{config.out.rstrip('/')}/summary.json", summary)
+    storage.write_json(f"{config.out.rstrip('/')}/summary.json", summary)
     return summary
 
 
@@ -189,16 +188,3 @@ def _consume(dataset, annotations: int, progress: bool) -> None:
     with tqdm(total=annotations, unit="ann", disable=not progress, desc="refining") as bar:
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
             bar.update(sum(len(statuses) for statuses in batch["statuses"]))
-
-
-def _write_json(uri: str, payload: dict) -> None:
-    fs, path = storage.url_to_fs(uri)
-    data = json.dumps(payload, indent=2).encode()
-    if storage.is_local(fs):
-        temp = f"{path}.tmp"
-        with open(temp, "wb") as handle:
-            handle.write(data)
-        os.replace(temp, path)
-    else:
-        with fs.open(path, "wb") as handle:
-            handle.write(data)

@@ -6,10 +6,14 @@ through botocore; nothing here logs credentials.
 
 from __future__ import annotations
 
+import json
+import os
 import posixpath
 import time
+import uuid
 
 import fsspec
+import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
 TRANSIENT_ERRORS = (ConnectionError, TimeoutError, OSError)
@@ -52,3 +56,32 @@ def read_bytes(uri: str, *, attempts: int = 4, backoff_s: float = 0.5) -> bytes:
                 raise
             time.sleep(backoff_s * 2**attempt)
     raise AssertionError("unreachable")
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a whole object that readers see whole or not at all: locally a hidden temp file renamed
+    into place, on an object store one upload (committed when it closes)."""
+    fs, path = url_to_fs(uri)
+    if is_local(fs):
+        directory, name = os.path.split(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        temp = os.path.join(directory, f".{name}.{uuid.uuid4().hex}.tmp")  # dot-files: unseen by readers
+        with open(temp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    else:
+        with fs.open(path, "wb") as handle:
+            handle.write(data)
+
+
+def write_json(uri: str, payload: dict) -> None:
+    """`write_bytes` of indented JSON; numpy scalars become plain numbers."""
+    write_bytes(uri, json.dumps(payload, indent=2, default=json_scalar).encode())
+
+
+def json_scalar(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import io
 import math
-import os
 
 import numpy as np
 import pyarrow as pa
@@ -65,19 +64,7 @@ def write_atomically(uri: str, table: pa.Table) -> None:
     """Write a zstd Parquet file that readers see whole or not at all."""
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="zstd")
-    fs, path = storage.url_to_fs(uri)
-    if storage.is_local(fs):
-        directory, name = os.path.split(path)
-        os.makedirs(directory, exist_ok=True)
-        temp = os.path.join(directory, f".{name}.tmp")  # dot-files are invisible to Parquet readers
-        with open(temp, "wb") as handle:
-            handle.write(buffer.getvalue())
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    else:
-        with fs.open(path, "wb") as handle:  # an object store commits the upload on close
-            handle.write(buffer.getvalue())
+    storage.write_bytes(uri, buffer.getvalue())
 
 
 def part_files(out: str) -> list[str]:
