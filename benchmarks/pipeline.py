@@ -11,7 +11,7 @@ and polygons per image, written under --workdir, a temp dir by default) go throu
           pipeline's extra work (packbits, IoU/boundary IoU vs the input polygons, Parquet).
   ray     jobs.refine.run_refine with a RefineConfig on a local Ray (ray.init(num_cpus=2)), CPU,
           RefineSettings.torch_threads = the bare loop's thread count, a random-weights vit_tiny
-          checkpoint this script writes (build_hqsam + tests.conftest.randomize_ + save_model).
+          checkpoint this script writes (build_hqsam + hqsam_core.random_weights.randomize_ + save_model).
 
 Each repeat runs bare, stages and ray in fresh subprocesses, interleaved so that drift in the load
 of this shared machine hits all alike; medians are reported. The ray subprocess times:
@@ -21,7 +21,8 @@ of this shared machine hits all alike; medians are reported. The ray subprocess 
   fixed   run_refine on 1 image whose annotation is a crowd region (nothing to refine): those
           fixed costs alone.
   steady  N / (warm - fixed): throughput with the fixed costs taken out.
-The bare loop's timing excludes its one model load (reported apart).
+The bare loop's timing excludes its one model load (reported apart). Every contestant keeps freed
+memory in its process (hqsam_core.allocator, as the pipeline's CPU refine actors do).
 
 Then driver memory: run_refine over --memory-images (200 and 2000) tiny 64x48 images in fresh
 subprocesses, peak RSS of the driver (ru_maxrss). The encoder costs the same for any image size
@@ -111,7 +112,7 @@ def write_dataset(
 
 def write_checkpoint(path: Path, seed: int = 1234) -> None:
     from hqsam_core import build_hqsam, save_model
-    from tests.conftest import randomize_
+    from hqsam_core.random_weights import randomize_
 
     save_model(randomize_(build_hqsam(VARIANT), seed=seed), str(path))
 
@@ -124,10 +125,12 @@ def child_bare(spec: dict) -> dict:
     import torch
 
     from hqsam_core import BoxRefiner, build_hqsam
+    from hqsam_core.allocator import retain_freed_memory
     from hqsam_core.images import decode_image
     from hqsam_core.masks import bbox_xywh_to_xyxy, encode_rles
 
     torch.set_num_threads(spec["threads"])
+    retain_freed_memory()  # what the pipeline's CPU refine actors do: compare like with like
     t = time.perf_counter()
     refiner = BoxRefiner(build_hqsam(VARIANT, spec["checkpoint"]), "cpu")
     load_s = time.perf_counter() - t

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import math
-import os
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -23,6 +21,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from hqsam_core.allocator import retain_freed_memory
 from hqsam_core.build import build_hqsam
 from hqsam_core.evaluation import evaluate_batch, summarize
 from hqsam_core.masks import encode_rle
@@ -240,6 +239,8 @@ def run_evaluate(config: EvaluateConfig) -> dict:
     """Evaluate every source; returns the report (also written to config.out as JSON)."""
     started = time.time()
     sources = [parse_source(text) for text in config.data]
+    if config.device == "cpu":
+        retain_freed_memory()
     model = build_hqsam(config.model, config.checkpoint, config.hq_head)
     refiner = RecordingRefiner(model, config.device)
     report: dict = {"sources": {}, "overall": {}}
@@ -291,7 +292,7 @@ def run_evaluate(config: EvaluateConfig) -> dict:
         f"HQ mask = {'HQ-only output' if config.hq_token_only else 'SAM + HQ output'}; per-sample means"
     )
     report["wall_time_s"] = round(time.time() - started, 3)
-    _write_json(config.out, report)
+    storage.write_json(config.out, report)
     return report
 
 
@@ -320,23 +321,3 @@ def _percent(value) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     return f"{100 * value:.1f}"
-
-
-def _write_json(uri: str, payload: dict) -> None:
-    fs, path = storage.url_to_fs(uri)
-    data = json.dumps(payload, indent=2, default=_plain).encode()
-    if storage.is_local(fs):
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        temp = f"{path}.tmp"
-        with open(temp, "wb") as handle:
-            handle.write(data)
-        os.replace(temp, path)
-    else:
-        with fs.open(path, "wb") as handle:
-            handle.write(data)
-
-
-def _plain(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")

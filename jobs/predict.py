@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from hqsam_core import BoxRefiner, build_hqsam
+from hqsam_core.allocator import retain_freed_memory
 from hqsam_core.images import decode_image
 
 PALETTE = [(255, 64, 64), (64, 200, 255), (255, 200, 0), (120, 255, 120), (220, 100, 255), (255, 140, 40)]
@@ -64,6 +65,8 @@ def run_predict(
     for box in boxes:
         if box[2] <= 0 or box[3] <= 0 or box[0] >= width or box[1] >= height:
             raise InputError(f"box {box} lies entirely outside the {width}x{height} image")
+    if device == "cpu":
+        retain_freed_memory()
     model = build_hqsam(variant, checkpoint, hq_head, allow_random_hq_head=allow_random_hq_head)
     (result,) = BoxRefiner(model, device).refine(
         [image],

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from hqsam_core.allocator import retain_freed_memory
 from hqsam_core.build import build_hqsam, check_checkpoint
 from hqsam_core.checkpoint import is_hq_key, save_hq_head, save_model
 from hqsam_core.training import (
@@ -162,6 +163,7 @@ def train_loop(config: dict) -> None:
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(config["cpus_per_worker"])))
+        retain_freed_memory()
 
     sam = load_base(config).to(device)
     params = freeze_sam_(sam)
@@ -344,7 +346,7 @@ def _epoch_record(epoch: int, totals: list[float], optimizer, *, partial: bool) 
 
 def _set_record(history: list, record: dict) -> None:
     """One record per epoch: a later record of the same epoch (a resumed partial one) replaces it."""
-    record = json.loads(json.dumps(record, default=_json_default))  # plain types: weights_only loads
+    record = json.loads(json.dumps(record, default=storage.json_scalar))  # plain types: weights_only loads
     history[:] = [r for r in history if r["epoch"] != record["epoch"]] + [record]
 
 
@@ -438,7 +440,7 @@ def run_train(config: TrainConfig, *, progress: bool = True) -> dict:
         steps_per_epoch=steps_per_epoch,
         wall_time_s=round(time.time() - started, 3),
     )
-    _write_json(f"{config.out.rstrip('/')}/metrics.json", summary)
+    storage.write_json(f"{config.out.rstrip('/')}/metrics.json", summary)
     return summary
 
 
@@ -469,7 +471,7 @@ def _record_config(config: TrainConfig) -> None:
         current["started"] = previous.get("started")
     else:
         current["started"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-    _write_json(uri, current)
+    storage.write_json(uri, current)
 
 
 def _storage(out: str):
@@ -483,26 +485,6 @@ def _storage(out: str):
     fs, path = storage.url_to_fs(out)
     parent, name = posixpath.split(path.rstrip("/"))
     return parent, name, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
-
-
-def _write_json(uri: str, payload: dict) -> None:
-    fs, path = storage.url_to_fs(uri)
-    data = json.dumps(payload, indent=2, default=_json_default).encode()
-    if storage.is_local(fs):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        temp = f"{path}.tmp"
-        with open(temp, "wb") as handle:
-            handle.write(data)
-        os.replace(temp, path)
-    else:
-        with fs.open(path, "wb") as handle:
-            handle.write(data)
-
-
-def _json_default(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -565,7 +547,7 @@ def export_run(out: str, *, checkpoint_uri: str | None = None, filesystem=None) 
         "full_model": f"{out}/model.pth",
         "config": {k: v for k, v in config.items() if k != "started"},
     }
-    _write_json(f"{out}/metrics.json", summary)
+    storage.write_json(f"{out}/metrics.json", summary)
     return summary
 
 

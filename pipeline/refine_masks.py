@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from hqsam_core import BoxRefiner, build_hqsam
+from hqsam_core.allocator import retain_freed_memory
 from pipeline.status import PENDING, one_line
 
 
@@ -32,6 +33,8 @@ class RefineMasks:
     ) -> None:
         if torch_threads:
             torch.set_num_threads(torch_threads)
+        if not device.startswith("cuda"):
+            retain_freed_memory()
         model = build_hqsam(variant, checkpoint, hq_head)
         self.refiner = BoxRefiner(
             model, device, max_prompts=max_prompts, precision=precision, compile=compile

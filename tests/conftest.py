@@ -6,9 +6,12 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
+
+from hqsam_core.allocator import retain_freed_memory
+from hqsam_core.random_weights import randomize_
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+retain_freed_memory()  # as our CPU workers do: CPU forward passes without page-fault storms
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_FIXTURES = ROOT.parent / "shared" / "fixtures"
@@ -20,25 +23,6 @@ def shared_fixture(name: str) -> Path:
     if not path.exists():
         pytest.skip(f"shared fixture {path} is absent")
     return path
-
-
-def randomize_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Deterministic random weights (default-init scale plus noise), so no test passes on default init."""
-    with torch.random.fork_rng(), torch.no_grad():
-        torch.manual_seed(seed)
-        for module in model.modules():
-            if hasattr(module, "reset_parameters"):
-                module.reset_parameters()
-        generator = torch.Generator().manual_seed(seed)
-        for name, tensor in model.state_dict().items():
-            if not tensor.is_floating_point():
-                continue
-            noise = torch.randn(tensor.shape, generator=generator) * 0.02
-            if name.endswith("running_var"):
-                tensor.copy_(1.0 + noise.abs())
-            else:
-                tensor.add_(noise)
-    return model
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ import torch
 
 from hqsam_core import CheckpointError, build_hqsam, save_hq_head, save_model
 from hqsam_core.build import VARIANTS
-from tests.conftest import randomize_
+from hqsam_core.random_weights import randomize_
 
 segment_anything_hq = pytest.importorskip("segment_anything_hq")
 

@@ -21,8 +21,8 @@ from hqsam_core.evaluation import (
     summarize,
 )
 from hqsam_core.metrics import boundary_iou_batch, mask_iou_batch
+from hqsam_core.random_weights import randomize_
 from hqsam_core.training import tight_box
-from tests.conftest import randomize_
 
 
 def _rect(shape, top, bottom, left, right) -> np.ndarray:

@@ -10,8 +10,9 @@ import torch
 
 from hqsam_core import BoxRefiner, build_hqsam
 from hqsam_core.fast_attention import attention_kind
+from hqsam_core.random_weights import randomize_
 from hqsam_core.refiner import packbits
-from tests.conftest import SHARED_FIXTURES, randomize_
+from tests.conftest import SHARED_FIXTURES
 from tests.test_fast_attention import small_vit_hqsam
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -16,8 +16,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from hqsam_core import build_hqsam, save_model
+from hqsam_core.random_weights import randomize_
 from jobs.cli import app
-from tests.conftest import ROOT, randomize_, shared_fixture
+from tests.conftest import ROOT, shared_fixture
 
 EXAMPLE7_BOXES = [[45, 260, 515, 470], [310, 228, 424, 296]]
 SYNTHETIC_BOX = "20,15,130,100"

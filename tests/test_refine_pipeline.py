@@ -28,11 +28,12 @@ from pycocotools.cocoeval import COCOeval
 from typer.testing import CliRunner
 
 from hqsam_core import BoxRefiner, build_hqsam, save_model
+from hqsam_core.random_weights import randomize_
 from jobs.cli import app
 from jobs.refine import RefineConfig, run_refine
 from pipeline.refine_pipeline import MAX_SOURCE_BLOCKS, RefineSettings, source_blocks
 from schemas.refined import REFINED_ANNOTATION
-from tests.conftest import ROOT, randomize_, shared_fixture
+from tests.conftest import ROOT, shared_fixture
 
 W, H = 64, 48  # generated images
 

@@ -19,10 +19,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from hqsam_core import build_hqsam, save_model
+from hqsam_core.random_weights import randomize_
 from jobs.cli import app
 from jobs.refine import RefineConfig, run_refine
 from pipeline.refine_pipeline import RefineSettings
-from tests.conftest import ROOT, randomize_
+from tests.conftest import ROOT
 
 IMAGES = 10  # Ray blocks hold 8 images: parts appear after the 8th, the run ends after the 10th
 BATCH, PER_FILE = 2, 2

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hqsam_core import BoxRefiner, build_hqsam
-from tests.conftest import randomize_
+from hqsam_core.random_weights import randomize_
 
 segment_anything_hq = pytest.importorskip("segment_anything_hq")
 

@@ -10,6 +10,7 @@ import torch
 
 from hqsam_core import build_hqsam
 from hqsam_core.checkpoint import is_hq_key
+from hqsam_core.random_weights import randomize_
 from hqsam_core.training import (
     HQTrainingModule,
     Prompt,
@@ -21,7 +22,6 @@ from hqsam_core.training import (
     sample_points,
     sample_prompt,
 )
-from tests.conftest import randomize_
 
 # ---------------------------------------------------------------------------------------------------
 # large_scale_jitter
