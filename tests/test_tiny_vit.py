@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from hqsam_core.tiny_vit import EARLY_FEATURE_LAYER, TinyViT, early_feature_to_nchw
+from hqsam_core.tiny_vit import EARLY_FEATURE_LAYER, ConvBN, TinyViT, early_feature_to_nchw
 
 sam_hq = pytest.importorskip("segment_anything_hq")
 
@@ -89,3 +89,27 @@ def test_forward_matches_official(official: nn.Module, ours: TinyViT) -> None:
     ref_early = ref_interm[0].permute(0, 3, 1, 2)
     scale = ref_early.std()
     torch.testing.assert_close(early / scale, ref_early / scale, atol=1e-4, rtol=0)
+
+
+def test_conv_bn_folds_in_inference_and_follows_new_weights() -> None:
+    torch.manual_seed(0)
+    layer = ConvBN(4, 6, kernel_size=3, groups=2)
+    with torch.no_grad():
+        for tensor in (layer.bn.weight, layer.bn.bias, layer.bn.running_mean):
+            tensor.normal_()
+        layer.bn.running_var.uniform_(0.5, 2.0)
+    layer.eval()
+    x = torch.randn(2, 4, 9, 7)
+    with torch.no_grad():
+        unfolded = layer.bn(layer.c(x))
+        torch.testing.assert_close(layer(x), unfolded, rtol=1e-5, atol=1e-5)
+        # a checkpoint loaded afterwards is used, not the weights folded before
+        state = {
+            k: v * 2 if v.is_floating_point() and "running_var" not in k else v
+            for k, v in layer.state_dict().items()
+        }
+        layer.load_state_dict(state)
+        torch.testing.assert_close(layer(x), layer.bn(layer.c(x)), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(layer(x), unfolded)
+    layer.train()
+    assert layer(x).requires_grad  # training: the plain conv + BatchNorm path, with gradients
