@@ -621,7 +621,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--batch-size", type=int, default=None, help="images per refine call (default: min(images, 16))"
     )
-    parser.add_argument("--max-prompts", type=int, default=64, help="BoxRefiner max_prompts")
+    parser.add_argument(
+        "--max-prompts", type=int, default=None, help="BoxRefiner max_prompts (default: its device default)"
+    )
     parser.add_argument(
         "--encoder-batch",
         type=int,

@@ -54,7 +54,8 @@ class EncodedImages:
 class BoxRefiner:
     """Runs HQ-SAM on boxes of many images: one encoder batch, decoder batches over all prompts.
 
-    `max_prompts` bounds the prompts per decoder call, and with it the decoder's memory;
+    `max_prompts` bounds the prompts per decoder call, and with it the decoder's memory (default: 64
+    on CUDA; 16 elsewhere, where larger calls fall out of the CPU caches and run slower);
     `encoder_batch` the images per encoder forward (default: 32 on CUDA, 1 elsewhere).
 
     Options (None = the device's default):
@@ -75,17 +76,18 @@ class BoxRefiner:
         model: HQSam,
         device: str | torch.device = "cpu",
         *,
-        max_prompts: int = 64,
+        max_prompts: int | None = None,
         encoder_batch: int | None = None,
         precision: str | None = None,
         attention: str | None = None,
         compile: bool | str = False,  # noqa: A002 - the option's public name
         pad_prompts: bool | None = None,
     ) -> None:
-        if max_prompts < 1:
-            raise ValueError("max_prompts must be at least 1.")
         self.device = torch.device(device)
         cuda = self.device.type == "cuda"
+        max_prompts = (64 if cuda else 16) if max_prompts is None else max_prompts
+        if max_prompts < 1:
+            raise ValueError("max_prompts must be at least 1.")
         precision = precision or ("bf16" if cuda else "fp32")
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")

@@ -163,8 +163,11 @@ def refine(
         max=1.0,
         help="Refine boxes whose long side is under this share of the image's on a zoomed crop (e.g. 0.25).",
     ),
-    max_prompts: int = typer.Option(
-        64, "--max-prompts", min=1, help="Boxes per decoder call: bounds decoder memory."
+    max_prompts: int | None = typer.Option(
+        None,
+        "--max-prompts",
+        min=1,
+        help="Boxes per decoder call: bounds decoder memory (default: 64 on CUDA, 16 on CPU).",
     ),
     threads: int | None = typer.Option(None, "--threads", min=1, help="Torch threads per actor on CPU."),
     images_per_file: int = typer.Option(

@@ -24,7 +24,7 @@ class RefineMasks:
         hq_head: str | None,
         device: str,
         *,
-        max_prompts: int = 64,
+        max_prompts: int | None = None,
         hq_token_only: bool = False,
         torch_threads: int | None = None,
         precision: str | None = None,

@@ -33,7 +33,7 @@ class RefineSettings:
     max_actors: int = 1
     hq_token_only: bool = False
     box_source: str = "bbox"
-    max_prompts: int = 64
+    max_prompts: int | None = None  # None: BoxRefiner's device default
     torch_threads: int | None = None  # CPU actors: threads per actor
     precision: str | None = None  # fp32 | bf16 | fp16; None: bf16 on CUDA, fp32 on CPU
     compile: bool = False  # torch.compile the decoder (first batch pays the compile)
