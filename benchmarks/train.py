@@ -32,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hqsam_core import build_hqsam  # noqa: E402
+from hqsam_core.allocator import retain_freed_memory  # noqa: E402
 from hqsam_core.thin_structures import generate_thin_structures  # noqa: E402
 from hqsam_core.training import HQTrainingModule, freeze_sam_  # noqa: E402
 from jobs.train import augment, make_optimizer, train_step  # noqa: E402
@@ -128,6 +129,7 @@ def main() -> None:
     models = args.models or (["vit_b", "vit_l"] if cuda else ["vit_tiny"])
     precisions = args.precisions or (["fp32", "bf16"] if cuda else ["fp32"])
     default_threads = torch.get_num_threads()
+    retained = not cuda and retain_freed_memory()  # as `hqsam train` CPU workers do
     load_before = os.getloadavg()
     runs = []
     for threads in args.threads:
@@ -161,6 +163,7 @@ def main() -> None:
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
         "loadavg_before": load_before,
+        "freed_memory_retained": retained,
         "loadavg_after": os.getloadavg(),
         "official_samples_per_gpu_s": round(OFFICIAL_SAMPLES_PER_GPU_S, 3),
         "notes": "peak_rss_mib is the process's peak resident memory after the run (models built so far "
