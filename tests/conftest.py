@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +26,42 @@ def shared_fixture(name: str) -> Path:
     if not path.exists():
         pytest.skip(f"shared fixture {path} is absent")
     return path
+
+
+def session_members(session: int) -> list[int]:
+    """Pids of the live processes in a session (Ray's processes stay in the session)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[3]) == session and fields[0] != "Z":
+            pids.append(int(entry.name))
+    return pids
+
+
+def kill_session(process: subprocess.Popen) -> None:
+    """SIGKILL the command and every process of its session (driver, Ray, workers): a lost machine.
+
+    Ray's workers leave the process group but stay in the session, so the session is what is killed."""
+    for pid in [process.pid, *session_members(process.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    process.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while session_members(process.pid) and time.monotonic() < deadline:
+        for pid in session_members(process.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.2)
+    assert not session_members(process.pid)
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,7 @@ from hqsam_core.random_weights import randomize_
 from jobs.cli import app
 from jobs.refine import RefineConfig, run_refine
 from pipeline.refine_pipeline import RefineSettings
-from tests.conftest import ROOT
+from tests.conftest import ROOT, kill_session
 
 IMAGES = 10  # Ray blocks hold 8 images: parts appear after the 8th, the run ends after the 10th
 BATCH, PER_FILE = 2, 2
@@ -68,39 +68,6 @@ def same_rows(got: dict[int, dict], want: dict[int, dict]) -> None:
             assert (other[key] is None) == (row[key] is None), (ann_id, key)
             if row[key] is not None:
                 assert other[key] == pytest.approx(row[key], abs=1e-5), (ann_id, key)
-
-
-def session_members(session: int) -> list[int]:
-    """Pids of the live processes in a session (Ray workers leave the process group, not the session)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[3]) == session and fields[0] != "Z":
-            pids.append(int(entry.name))
-    return pids
-
-
-def kill_session(process: subprocess.Popen) -> None:
-    """SIGKILL the command's process group and every other process of its session: a lost node."""
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    for pid in session_members(process.pid):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    process.wait(timeout=30)
-    deadline = time.monotonic() + 30
-    while session_members(process.pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not session_members(process.pid)
 
 
 @pytest.fixture(scope="module")

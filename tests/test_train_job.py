@@ -12,7 +12,6 @@ import io
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -44,7 +43,7 @@ from pipeline.train_sources import (
 )
 from pipeline.write_parquet import write_atomically
 from schemas.refined import REFINED_ANNOTATION
-from tests.conftest import ROOT, shared_fixture
+from tests.conftest import ROOT, kill_session, shared_fixture
 
 segment_anything_hq = pytest.importorskip("segment_anything_hq")
 
@@ -341,40 +340,6 @@ def test_a_run_folder_refuses_another_base(
 
 
 # ---------------------------------------------------------------- resume after SIGKILL
-
-
-def session_members(session: int) -> list[int]:
-    """Pids of the live processes in a session (Ray's processes stay in the session)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[3]) == session and fields[0] != "Z":
-            pids.append(int(entry.name))
-    return pids
-
-
-def kill_session(process: subprocess.Popen) -> None:
-    """SIGKILL the command and every process of its session (driver, Ray, workers): a lost machine."""
-    for pid in [process.pid, *session_members(process.pid)]:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    process.wait(timeout=30)
-    deadline = time.monotonic() + 30
-    while session_members(process.pid) and time.monotonic() < deadline:
-        for pid in session_members(process.pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.2)
-    assert not session_members(process.pid)
 
 
 def registered_steps(fs, out: str) -> list[int]:
