@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -39,6 +38,8 @@ import orjson
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import machine, status_kb, write_result  # noqa: E402
 
 IMAGES = 118_287
 ANNOTATIONS = 860_001
@@ -248,15 +249,15 @@ def measure(path: str) -> dict:
     from pipeline.refine_pipeline import RefineSettings, build_refine_dataset, source_blocks
 
     marks["import_s"] = time.perf_counter() - t0
-    rss["after_import"] = _status_kb("VmRSS")
+    rss["after_import"] = status_kb("VmRSS")
 
     load_start = os.getloadavg()[0]
     t, cpu = time.perf_counter(), time.process_time()
     manifest = read_manifest(path)
     marks["read_manifest_s"] = time.perf_counter() - t
     marks["read_manifest_cpu_s"] = time.process_time() - cpu
-    rss["after_read_manifest"] = _status_kb("VmRSS")
-    rss["peak_after_read_manifest"] = _status_kb("VmHWM")
+    rss["after_read_manifest"] = status_kb("VmRSS")
+    rss["peak_after_read_manifest"] = status_kb("VmHWM")
 
     t = time.perf_counter()
     ray.init(
@@ -276,8 +277,8 @@ def measure(path: str) -> dict:
     marks["build_dataset_driver_cpu_s"] = time.process_time() - cpu
     marks["read_to_dataset_s"] = marks["read_manifest_s"] + marks["ray_init_s"] + marks["build_dataset_s"]
     marks["total_s"] = time.perf_counter() - t0
-    rss["after_dataset"] = _status_kb("VmRSS")
-    rss["shmem_after_dataset"] = _status_kb("RssShmem")
+    rss["after_dataset"] = status_kb("VmRSS")
+    rss["shmem_after_dataset"] = status_kb("RssShmem")
     del dataset
     result = {
         **marks,
@@ -291,14 +292,6 @@ def measure(path: str) -> dict:
     }
     ray.shutdown()
     return result
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return -1
 
 
 def run_measurement(path: Path) -> dict:
@@ -324,24 +317,6 @@ def run_measurement(path: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------- main
-
-
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return {
-        "cpu_model": cpu,
-        "cores": os.cpu_count(),
-        "ram_gib": round(ram / 2**30, 1),
-        "load_average_at_start": list(os.getloadavg()),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-    }
 
 
 def versions() -> dict:
@@ -410,10 +385,7 @@ def main(argv: list[str] | None = None) -> dict:
         and median["peak_rss_bytes"] <= TARGET_MB[1] * 1e9,
     }
     print_table(result)
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    write_result(args.json, result)
     return result
 
 

@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -51,6 +50,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import machine, status_kb, write_result  # noqa: E402
+
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 VARIANT = "vit_tiny"
@@ -266,9 +268,9 @@ def child_memory(spec: dict) -> dict:
     settings = RefineSettings(
         VARIANT, spec["checkpoint"], None, "cpu", batch_size=spec["batch_size"], torch_threads=spec["threads"]
     )
-    rss_start = _status_kb("VmRSS") * 1024
+    rss_start = status_kb("VmRSS") * 1024
     _ray_init(ray)
-    rss_after_init = _status_kb("VmRSS") * 1024
+    rss_after_init = status_kb("VmRSS") * 1024
     out = tempfile.mkdtemp(prefix="hqsam-bench-mem-", dir=spec["workdir"])
     t = time.perf_counter()
     summary = run_refine(RefineConfig(spec["annotations"], out, settings=settings), progress=False)
@@ -281,10 +283,10 @@ def child_memory(spec: dict) -> dict:
         "complete": summary["complete"],
         "rss_start_bytes": rss_start,
         "rss_after_ray_init_bytes": rss_after_init,
-        "rss_end_bytes": _status_kb("VmRSS") * 1024,
+        "rss_end_bytes": status_kb("VmRSS") * 1024,
         # resident at the end by kind: anonymous (Python heap), file-backed, shared (Ray's object
         # store pages this driver has touched, e.g. by putting the source blocks)
-        "rss_end_kib": {kind: _status_kb(kind) for kind in ("RssAnon", "RssFile", "RssShmem")},
+        "rss_end_kib": {kind: status_kb(kind) for kind in ("RssAnon", "RssFile", "RssShmem")},
         "peak_driver_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
     ray.shutdown()
@@ -358,14 +360,6 @@ class TreeCpu:
         return sum(ticks - mark.get(pid, 0) for pid, ticks in now.items()) / os.sysconf("SC_CLK_TCK")
 
 
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return -1
-
-
 CHILDREN = {"bare": child_bare, "stages": child_stages, "ray": child_ray, "memory": child_memory}
 
 
@@ -387,23 +381,6 @@ def run_child(kind: str, spec: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------- main
-
-
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {
-        "cpu_model": cpu,
-        "cores": os.cpu_count(),
-        "ram_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-        "load_average_at_start": list(os.getloadavg()),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -472,10 +449,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = summarize(args, data, runs, memory)
     result["benchmark_wall_s"] = time.perf_counter() - started
     print_table(result)
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    write_result(args.json, result)
     return result
 
 

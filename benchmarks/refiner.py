@@ -54,6 +54,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import cpu_model, status_kb, write_result  # noqa: E402
 from hqsam_core import BoxRefiner, HQSam, build_hqsam  # noqa: E402
 from hqsam_core.allocator import retain_freed_memory  # noqa: E402
 from hqsam_core.random_weights import randomize_  # noqa: E402
@@ -241,7 +242,7 @@ class PeakMemory:
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
-            _proc_status_kb("VmHWM")
+            status_kb("VmHWM")
             return "VmHWM (reset via /proc/self/clear_refs)"
         except OSError:
             return "ru_maxrss (not resettable: growth past the earlier peak only)"
@@ -254,7 +255,7 @@ class PeakMemory:
         elif self.method.startswith("VmHWM"):
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
-            self._base = _proc_status_kb("VmRSS") * 1024
+            self._base = status_kb("VmRSS") * 1024
         else:
             self._base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
@@ -264,18 +265,10 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             peak = torch.cuda.max_memory_allocated(self.device)
         elif self.method.startswith("VmHWM"):
-            peak = _proc_status_kb("VmHWM") * 1024
+            peak = status_kb("VmHWM") * 1024
         else:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         return max(0, peak - self._base), peak
-
-
-def _proc_status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise OSError(f"{field} not in /proc/self/status")
 
 
 def device_info(device: torch.device) -> dict:
@@ -288,12 +281,7 @@ def device_info(device: torch.device) -> dict:
             "capability": f"{props.major}.{props.minor}",
             "cuda_version": torch.version.cuda,
         }
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    model = cpu_model()
     return {
         "name": model,
         "logical_cpus": os.cpu_count(),
@@ -800,10 +788,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     result["targets"] = check_targets(result)
     print_table(result)
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    write_result(args.json, result)
     return result
 
 

@@ -17,7 +17,6 @@ Anchor (REFERENCE section 3): the official trainer, ~44k x 12 samples in 4 h on 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -31,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import write_result  # noqa: E402
 from hqsam_core import build_hqsam  # noqa: E402
 from hqsam_core.allocator import retain_freed_memory  # noqa: E402
 from hqsam_core.thin_structures import generate_thin_structures  # noqa: E402
@@ -170,10 +170,7 @@ def main() -> None:
         "included); on a shared, loaded machine wall-clock rates are lower bounds: compare loadavg.",
         "runs": runs,
     }
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"-> {args.json}")
+    write_result(args.json, report)
 
 
 if __name__ == "__main__":
