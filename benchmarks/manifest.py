@@ -245,8 +245,8 @@ def measure(path: str) -> dict:
     t0 = time.perf_counter()
     import ray
 
-    from pipeline.manifest import read_manifest
-    from pipeline.refine_pipeline import RefineSettings, build_refine_dataset, source_blocks
+    from hqsam.pipeline.manifest import read_manifest
+    from hqsam.pipeline.refine_pipeline import RefineSettings, build_refine_dataset, source_blocks
 
     marks["import_s"] = time.perf_counter() - t0
     rss["after_import"] = status_kb("VmRSS")

@@ -113,8 +113,8 @@ def write_dataset(
 
 
 def write_checkpoint(path: Path, seed: int = 1234) -> None:
-    from hqsam_core import build_hqsam, save_model
-    from hqsam_core.random_weights import randomize_
+    from hqsam.hqsam_core import build_hqsam, save_model
+    from hqsam.hqsam_core.testing.random_weights import randomize_
 
     save_model(randomize_(build_hqsam(VARIANT), seed=seed), str(path))
 
@@ -126,10 +126,10 @@ def child_bare(spec: dict) -> dict:
     """decode -> BoxRefiner.refine (batches) -> encode_rles, no Ray; model load timed apart."""
     import torch
 
-    from hqsam_core import BoxRefiner, build_hqsam
-    from hqsam_core.allocator import retain_freed_memory
-    from hqsam_core.images import decode_image
-    from hqsam_core.masks import bbox_xywh_to_xyxy, encode_rles
+    from hqsam.hqsam_core import BoxRefiner, build_hqsam
+    from hqsam.hqsam_core.allocator import retain_freed_memory
+    from hqsam.hqsam_core.images import decode_image
+    from hqsam.hqsam_core.masks import bbox_xywh_to_xyxy, encode_rles
 
     torch.set_num_threads(spec["threads"])
     retain_freed_memory()  # what the pipeline's CPU refine actors do: compare like with like
@@ -168,12 +168,12 @@ def child_bare(spec: dict) -> dict:
 
 def child_stages(spec: dict) -> dict:
     """The pipeline's stage callables in sequence, in this process, no Ray."""
-    from pipeline.decode_images import DecodeImages
-    from pipeline.encode_masks import encode_masks
-    from pipeline.manifest import read_manifest
-    from pipeline.read_images import read_image_bytes
-    from pipeline.refine_masks import RefineMasks
-    from pipeline.write_parquet import WriteParquetParts
+    from hqsam.pipeline.decode_images import DecodeImages
+    from hqsam.pipeline.encode_masks import encode_masks
+    from hqsam.pipeline.manifest import read_manifest
+    from hqsam.pipeline.read_images import read_image_bytes
+    from hqsam.pipeline.refine_masks import RefineMasks
+    from hqsam.pipeline.write_parquet import WriteParquetParts
 
     t = time.perf_counter()
     refine = RefineMasks(VARIANT, spec["checkpoint"], None, "cpu", torch_threads=spec["threads"])
@@ -217,8 +217,8 @@ def child_ray(spec: dict) -> dict:
     """ray.init, then run_refine cold, warm, and on a 1-image crowd-only dataset (fixed costs)."""
     import ray
 
-    from jobs.refine import RefineConfig, run_refine
-    from pipeline.refine_pipeline import RefineSettings
+    from hqsam.jobs.refine import RefineConfig, run_refine
+    from hqsam.pipeline.refine_pipeline import RefineSettings
 
     settings = RefineSettings(
         VARIANT, spec["checkpoint"], None, "cpu", batch_size=spec["batch_size"], torch_threads=spec["threads"]
@@ -262,8 +262,8 @@ def child_memory(spec: dict) -> dict:
     """ray.init + run_refine over one dataset; the driver's peak and final RSS."""
     import ray
 
-    from jobs.refine import RefineConfig, run_refine
-    from pipeline.refine_pipeline import RefineSettings
+    from hqsam.jobs.refine import RefineConfig, run_refine
+    from hqsam.pipeline.refine_pipeline import RefineSettings
 
     settings = RefineSettings(
         VARIANT, spec["checkpoint"], None, "cpu", batch_size=spec["batch_size"], torch_threads=spec["threads"]

@@ -55,9 +55,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import cpu_model, status_kb, write_result  # noqa: E402
-from hqsam_core import BoxRefiner, HQSam, build_hqsam  # noqa: E402
-from hqsam_core.allocator import retain_freed_memory  # noqa: E402
-from hqsam_core.random_weights import randomize_  # noqa: E402
+from hqsam.hqsam_core import BoxRefiner, HQSam, build_hqsam  # noqa: E402
+from hqsam.hqsam_core.allocator import retain_freed_memory  # noqa: E402
+from hqsam.hqsam_core.testing.random_weights import randomize_  # noqa: E402
 
 # (H, W) of typical COCO images: 640x480, 480x640, 640x427 and 500x375 (W x H).
 COCO_SIZES = [(480, 640), (640, 480), (427, 640), (375, 500)]
@@ -170,7 +170,7 @@ def load_fixtures(folder: Path) -> Fixtures:
     """
     from PIL import Image
 
-    from hqsam_core.images import decode_image, to_rgb
+    from hqsam.hqsam_core.images import decode_image, to_rgb
 
     demo, voc = folder / "hqsam-demo", folder / "labelme-voc"
     for path in (demo, voc / "annotations.json"):
@@ -585,7 +585,7 @@ def inductor_cache_files() -> int | None:
     if "TORCHINDUCTOR_CACHE_DIR" in os.environ:
         folder = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
     else:
-        from hqsam_core.zoo import cache_dir  # where compile_model points the cache by default
+        from hqsam.hqsam_core.zoo import cache_dir  # where compile_model points the cache by default
 
         folder = cache_dir() / "inductor"
     return sum(1 for path in folder.rglob("*") if path.is_file()) if folder.is_dir() else 0

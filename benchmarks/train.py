@@ -31,11 +31,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import write_result  # noqa: E402
-from hqsam_core import build_hqsam  # noqa: E402
-from hqsam_core.allocator import retain_freed_memory  # noqa: E402
-from hqsam_core.thin_structures import generate_thin_structures  # noqa: E402
-from hqsam_core.training import HQTrainingModule, freeze_sam_  # noqa: E402
-from jobs.train import augment, make_optimizer, train_step  # noqa: E402
+from hqsam.hqsam_core import build_hqsam  # noqa: E402
+from hqsam.hqsam_core.allocator import retain_freed_memory  # noqa: E402
+from hqsam.hqsam_core.testing.thin_structures import generate_thin_structures  # noqa: E402
+from hqsam.hqsam_core.training import HQTrainingModule, freeze_sam_  # noqa: E402
+from hqsam.jobs.train import augment, make_optimizer, train_step  # noqa: E402
 
 OFFICIAL_SAMPLES_PER_GPU_S = 44_320 * 12 / (4 * 3600) / 8
 

@@ -9,17 +9,17 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "MODEL_REGISTRY": "hqsam_core.build",
-    "build_hqsam": "hqsam_core.build",
-    "CheckpointError": "hqsam_core.checkpoint",
-    "read_state_dict": "hqsam_core.checkpoint",
-    "save_hq_head": "hqsam_core.checkpoint",
-    "save_model": "hqsam_core.checkpoint",
-    "HQSam": "hqsam_core.hqsam",
-    "BoxRefiner": "hqsam_core.refiner",
-    "EncodedImages": "hqsam_core.refiner",
-    "Refinement": "hqsam_core.refiner",
-    "VARIANTS": "hqsam_core.variants",
+    "MODEL_REGISTRY": "hqsam.hqsam_core.build",
+    "build_hqsam": "hqsam.hqsam_core.build",
+    "CheckpointError": "hqsam.hqsam_core.checkpoint",
+    "read_state_dict": "hqsam.hqsam_core.checkpoint",
+    "save_hq_head": "hqsam.hqsam_core.checkpoint",
+    "save_model": "hqsam.hqsam_core.checkpoint",
+    "HQSam": "hqsam.hqsam_core.hqsam",
+    "BoxRefiner": "hqsam.hqsam_core.refiner",
+    "EncodedImages": "hqsam.hqsam_core.refiner",
+    "Refinement": "hqsam.hqsam_core.refiner",
+    "VARIANTS": "hqsam.hqsam_core.variants",
 }
 
 __all__ = sorted(_EXPORTS)

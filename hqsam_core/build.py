@@ -10,12 +10,12 @@ from functools import partial
 import torch
 from segment_anything.modeling import ImageEncoderViT, PromptEncoder, TwoWayTransformer
 
-from hqsam_core.checkpoint import CheckpointError, hq_keys, merge_checkpoint, read_state_dict
-from hqsam_core.fast_attention import ATTENTION_KINDS, set_attention
-from hqsam_core.hqsam import HQSam
-from hqsam_core.mask_decoder_hq import MaskDecoderHQ
-from hqsam_core.tiny_vit import TinyViT, early_feature_to_nchw
-from hqsam_core.variants import VARIANTS
+from hqsam.hqsam_core.checkpoint import CheckpointError, hq_keys, merge_checkpoint, read_state_dict
+from hqsam.hqsam_core.fast_attention import ATTENTION_KINDS, set_attention
+from hqsam.hqsam_core.hqsam import HQSam
+from hqsam.hqsam_core.mask_decoder_hq import MaskDecoderHQ
+from hqsam.hqsam_core.tiny_vit import TinyViT, early_feature_to_nchw
+from hqsam.hqsam_core.variants import VARIANTS
 
 log = logging.getLogger(__name__)
 

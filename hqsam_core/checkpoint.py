@@ -11,8 +11,9 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 from torch import nn
 
-from hqsam_core.mask_decoder_hq import HQ_MODULES
-from hqsam_core.zoo import fetch_checkpoint
+from hqsam.hqsam_core.errors import HqsamError
+from hqsam.hqsam_core.mask_decoder_hq import HQ_MODULES
+from hqsam.hqsam_core.zoo import fetch_checkpoint
 
 HQ_KEY_PREFIXES = tuple(f"mask_decoder.{name}." for name in HQ_MODULES)
 _ENCODER_WIDTH_TO_VARIANT = {768: "vit_b", 1024: "vit_l", 1280: "vit_h"}
@@ -20,7 +21,7 @@ _ENCODER_WIDTH_TO_VARIANT = {768: "vit_b", 1024: "vit_l", 1280: "vit_h"}
 StateDict = dict[str, torch.Tensor]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(HqsamError, ValueError):
     """A checkpoint that cannot be used for the requested model; the message is one sentence."""
 
 

@@ -32,11 +32,11 @@ import torch.nn.functional as F
 from segment_anything.modeling.mask_decoder import MaskDecoder
 from torch import nn
 
-from hqsam_core.fast_attention import attention_kind
-from hqsam_core.hqsam import HQSam
-from hqsam_core.metrics import boundary_iou_batch, mask_iou_batch
-from hqsam_core.refiner import BoxRefiner, EncodedImages
-from hqsam_core.training import tight_box
+from hqsam.hqsam_core.fast_attention import attention_kind
+from hqsam.hqsam_core.hqsam import HQSam
+from hqsam.hqsam_core.metrics import boundary_iou_batch, mask_iou_batch
+from hqsam.hqsam_core.refiner import BoxRefiner, EncodedImages
+from hqsam.hqsam_core.training import tight_box
 
 RESIZE_MODES = ("longest", "square")
 SAM_KEYS = ("sam_iou", "sam_biou", "hq_iou", "hq_biou")

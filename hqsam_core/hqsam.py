@@ -8,7 +8,7 @@ import torch
 from segment_anything.modeling import PromptEncoder, Sam
 from torch import nn
 
-from hqsam_core.mask_decoder_hq import MaskDecoderHQ
+from hqsam.hqsam_core.mask_decoder_hq import MaskDecoderHQ
 
 
 class HQSam(Sam):

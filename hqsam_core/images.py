@@ -8,8 +8,10 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
+from hqsam.hqsam_core.errors import HqsamError, one_line
 
-class ImageDecodeError(ValueError):
+
+class ImageDecodeError(HqsamError, ValueError):
     """The bytes are not a complete, decodable image; the message is one line."""
 
 
@@ -27,7 +29,7 @@ def decode_image(data: bytes, expected_size: tuple[int, int] | None = None) -> n
             image = Image.open(io.BytesIO(data))
             image.load()  # decodes fully: a truncated file raises here instead of turning grey
     except Exception as error:
-        raise ImageDecodeError(f"not a decodable image ({_one_line(error)})") from None
+        raise ImageDecodeError(f"not a decodable image ({one_line(error)})") from None
     if expected_size is not None and _size(image) != tuple(expected_size):
         rotated = ImageOps.exif_transpose(image)
         if _size(rotated) == tuple(expected_size):
@@ -49,8 +51,3 @@ def to_rgb(image: Image.Image) -> np.ndarray:
 
 def _size(image: Image.Image) -> tuple[int, int]:
     return image.height, image.width
-
-
-def _one_line(error: Exception) -> str:
-    text = str(error).strip().splitlines()
-    return text[0][:200] if text else type(error).__name__

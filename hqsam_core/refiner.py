@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from segment_anything.utils.transforms import ResizeLongestSide
 
-from hqsam_core import crop_zoom as cz
-from hqsam_core.fast_attention import set_attention
-from hqsam_core.hqsam import HQSam
+from hqsam.hqsam_core import crop_zoom as cz
+from hqsam.hqsam_core.fast_attention import set_attention
+from hqsam.hqsam_core.hqsam import HQSam
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 COMPILE_TARGETS = ("decoder", "all")
@@ -380,7 +380,7 @@ def compile_model(model: HQSam, target: str = "decoder") -> None:
     if target not in COMPILE_TARGETS:
         raise ValueError(f"compile target must be one of {', '.join(COMPILE_TARGETS)}, got {target!r}")
     if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-        from hqsam_core.zoo import cache_dir
+        from hqsam.hqsam_core.zoo import cache_dir
 
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir() / "inductor")
     decoder = model.mask_decoder

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hqsam_core.hqsam import HQSam
-from hqsam_core.mask_decoder_hq import HQ_MODULES
+from hqsam.hqsam_core.hqsam import HQSam
+from hqsam.hqsam_core.mask_decoder_hq import HQ_MODULES
 
 PROMPT_KINDS = ("box", "points", "mask")
 NUM_POINTS = 10  # positive points per point prompt, as the official trainer

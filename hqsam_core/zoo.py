@@ -22,6 +22,8 @@ from typing import Literal
 import fsspec
 from tqdm import tqdm
 
+from hqsam.hqsam_core.errors import HqsamError
+
 Variant = Literal["vit_b", "vit_l", "vit_h", "vit_tiny"]
 
 _HQ_SAM_BASE_URL = "https://huggingface.co/lkeab/hq-sam/resolve/main"
@@ -36,7 +38,7 @@ _CONTENT_RANGE = re.compile(r"bytes (\d+)-\d+/(\d+|\*)")
 _log = logging.getLogger(__name__)
 
 
-class CheckpointSourceError(RuntimeError):
+class CheckpointSourceError(HqsamError, RuntimeError):
     """A checkpoint source could not be turned into a verified local file."""
 
 

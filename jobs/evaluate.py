@@ -21,15 +21,14 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from hqsam_core.allocator import retain_freed_memory
-from hqsam_core.build import build_hqsam
-from hqsam_core.evaluation import evaluate_batch, summarize
-from hqsam_core.masks import encode_rle
-from hqsam_core.metrics import boundary_iou_batch
-from hqsam_core.refiner import BoxRefiner
-from pipeline import storage
-from pipeline.manifest import load_json
-from pipeline.train_sources import SampleError, Source, load_sample, parse_source, source_rows
+from hqsam.hqsam_core import storage
+from hqsam.hqsam_core.allocator import retain_freed_memory
+from hqsam.hqsam_core.build import build_hqsam
+from hqsam.hqsam_core.evaluation import evaluate_batch, summarize
+from hqsam.hqsam_core.masks import encode_rle
+from hqsam.hqsam_core.metrics import boundary_iou_batch
+from hqsam.hqsam_core.refiner import BoxRefiner
+from hqsam.pipeline.train_sources import SampleError, Source, load_sample, parse_source, source_rows
 
 log = logging.getLogger(__name__)
 
@@ -297,7 +296,7 @@ def run_evaluate(config: EvaluateConfig) -> dict:
 
 
 def _coco_data(source: Source) -> dict:
-    return load_json(storage.read_bytes(source.uri))
+    return storage.read_json(source.uri)
 
 
 def format_table(report: dict) -> str:
@@ -321,3 +320,103 @@ def _percent(value) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     return f"{100 * value:.1f}"
+
+
+# --- the `hqsam evaluate` command ------------------------------------------------------------------
+# (moved from jobs/cli.py; its options use the shared declarations in jobs/options.py)
+
+import typer  # noqa: E402
+
+from hqsam.hqsam_core.variants import VARIANTS  # noqa: E402
+from hqsam.jobs.options import CHECKPOINT_OPTION as _CHECKPOINT_OPTION  # noqa: E402,F401
+from hqsam.jobs.options import device_or_default as _device_or_default  # noqa: E402,F401
+from hqsam.jobs.options import fail  # noqa: E402
+from hqsam.jobs.submit import ADDRESS_OPTION, DETACH_OPTION, FORWARD_ENV_OPTION, submit_if_requested  # noqa: E402,F401
+
+MODEL_HELP = f"Model variant: {', '.join(VARIANTS)}."
+CHECKPOINT_HELP = (
+    "Weights: a path, an fsspec URI (s3://, gs://, https://) or a zoo name such as sam_hq_vit_tiny. "
+    "Default: the official HQ-SAM file of --model, downloaded once into $HQSAM_CACHE."
+)
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+DATA_HELP = (
+    "Data source; repeat for several. An image+gt folder pair SRC (SRC/im/*.jpg|png, SRC/gt/*.png by "
+    "stem), a COCO instances JSON, or the OUT of `hqsam refine` (status ok rows); local or s3://, gs://. "
+    "Options after '::': images=ROOT (COCO image root), original=URI (the original annotation to score "
+    "too: PNG folder or COCO file with the same ids)."
+)
+
+
+def evaluate(
+    data: list[str] = typer.Option(..., "--data", help=DATA_HELP),
+    out: str = typer.Option(..., "--out", help="JSON report file (local or s3://)."),
+    model: str = typer.Option("vit_tiny", "--model", help=MODEL_HELP),
+    checkpoint: str | None = typer.Option(None, "--checkpoint", help=CHECKPOINT_HELP),
+    hq_head: str | None = typer.Option(
+        None, "--hq-head", help="HQ head file to combine with a plain SAM checkpoint (e.g. OUT/hq_head.pth)."
+    ),
+    device: str | None = typer.Option(None, "--device", help="cpu or cuda (default: cuda when present)."),
+    batch_size: int = typer.Option(4, "--batch-size", min=1, help="Images per encoder batch."),
+    hq_token_only: bool = typer.Option(
+        True,
+        "--hq-token-only/--no-hq-token-only",
+        help="Score the HQ-only output (the paper's HQ-set protocol) or SAM + HQ.",
+    ),
+    resize: str = typer.Option(
+        "square",
+        "--resize",
+        help="square: images squashed to 1024x1024 as the official evaluation loader does (comparable "
+        "with the paper); longest: longest side to 1024, aspect kept, as `hqsam refine` runs.",
+    ),
+    min_score: float | None = typer.Option(
+        None, "--min-score", help="Refined-Parquet sources: keep rows whose score is at least this."
+    ),
+    limit: int | None = typer.Option(
+        None, "--limit", min=1, help="Evaluate the first N samples of each source."
+    ),
+    address: str | None = ADDRESS_OPTION,
+    detach: bool = DETACH_OPTION,
+    forward_env: list[str] = FORWARD_ENV_OPTION,
+) -> None:
+    """mIoU and mBIoU of SAM's mask, the HQ mask and the original annotation, per source and overall.
+
+    Official protocol: GT tight box prompt, image squashed to 1024x1024 (--resize), HQ mask upsampled
+    to the GT size, per-sample means. COCO sources also get mask AP and Boundary AP (COCOeval, min(mask IoU, Boundary
+    IoU)). Prints a table (percent) and writes the JSON report (fractions).
+    """
+    submit_if_requested(address, detach, forward_env)
+    from hqsam.hqsam_core import CheckpointError
+    from hqsam.hqsam_core.zoo import CheckpointSourceError
+    from hqsam.jobs.evaluate import EvaluateConfig, format_table, run_evaluate
+    from hqsam.pipeline.train_sources import SourceError
+
+    if model not in VARIANTS:
+        fail(f"unknown --model {model!r}; choose one of {', '.join(VARIANTS)}")
+    if resize not in ("square", "longest"):
+        fail(f"unknown --resize {resize!r}; choose square or longest")
+    config = EvaluateConfig(
+        data=data,
+        out=out,
+        model=model,
+        checkpoint=checkpoint or f"sam_hq_{model}",
+        hq_head=hq_head,
+        device=device or default_device(),
+        batch_size=batch_size,
+        hq_token_only=hq_token_only,
+        resize=resize,
+        min_score=min_score,
+        limit=limit,
+    )
+    try:
+        report = run_evaluate(config)
+    except (CheckpointError, CheckpointSourceError, SourceError) as error:
+        fail(str(error))
+    typer.echo(format_table(report))
+    typer.echo(f"report -> {out}")

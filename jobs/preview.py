@@ -20,11 +20,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
 
-from hqsam_core.images import decode_image
-from hqsam_core.masks import bbox_xywh_to_xyxy, decode_rle, segmentation_to_mask
-from pipeline import storage
-from pipeline.manifest import ManifestError, read_manifest
-from pipeline.write_parquet import part_files
+from hqsam.hqsam_core import storage
+from hqsam.hqsam_core.errors import HqsamError, one_line
+from hqsam.hqsam_core.images import decode_image
+from hqsam.hqsam_core.masks import bbox_xywh_to_xyxy, decode_rle, segmentation_to_mask
+from hqsam.pipeline.manifest import ManifestError, read_manifest
+from hqsam.pipeline.write_parquet import part_files
 
 ORIGINAL_COLOUR = (255, 140, 0)  # orange
 REFINED_COLOUR = (0, 255, 255)  # cyan
@@ -45,7 +46,7 @@ ROW_COLUMNS = [
 ]
 
 
-class PreviewError(ValueError):
+class PreviewError(HqsamError, ValueError):
     """OUT or --annotations cannot be used; the message is one sentence (exit code 2)."""
 
 
@@ -109,7 +110,7 @@ def run_preview(
             image = _load_image(row, images, original, cache)
             png, missing = _render(row, image, original)
         except (OSError, ValueError) as error:
-            panel.note = _one_line(error)
+            panel.note = one_line(error)
             panels.append(panel)
             continue
         panel.note = panel.note or missing
@@ -246,11 +247,11 @@ def _read_first(candidates: list[str], size: tuple[int, int]) -> np.ndarray | Ex
         except FileNotFoundError:
             continue
         except (OSError, ValueError) as error:
-            return OSError(f"cannot read {uri}: {_one_line(error)}")
+            return OSError(f"cannot read {uri}: {one_line(error)}")
         try:
             return decode_image(data, expected_size=size)
         except ValueError as error:
-            return ValueError(f"{uri}: {_one_line(error)}")
+            return ValueError(f"{uri}: {one_line(error)}")
     return FileNotFoundError(f"image not found: {', '.join(candidates)}")
 
 
@@ -300,7 +301,7 @@ def _render(row: dict, image: np.ndarray, original: Original | None) -> tuple[by
             try:
                 original_mask = segmentation_to_mask(orjson.loads(original.segmentation), height, width)
             except (ValueError, TypeError, orjson.JSONDecodeError) as error:
-                note = f"original mask unusable: {_one_line(error)}"
+                note = f"original mask unusable: {one_line(error)}"
         else:
             note = "the input annotation has no mask"
 
@@ -350,11 +351,6 @@ def _panel_name(row: dict, taken: set[str]) -> str:
         name = f"panel_{row['annotation_id']}_{row['image_id']}.png"
     taken.add(name)
     return name
-
-
-def _one_line(error: Exception) -> str:
-    text = str(error).strip().splitlines()
-    return text[0][:300] if text else type(error).__name__
 
 
 # --- index.html -------------------------------------------------------------------------------
@@ -420,3 +416,64 @@ def _index_html(out: str, result: PreviewResult, *, worst: bool, originals: bool
         parts.append("</ul>")
     parts.append("</body></html>\n")
     return "\n".join(parts)
+
+
+# --- the `hqsam preview` command ------------------------------------------------------------------
+# (moved from jobs/cli.py; its options use the shared declarations in jobs/options.py)
+
+import typer  # noqa: E402
+
+from hqsam.hqsam_core.variants import VARIANTS  # noqa: E402
+from hqsam.jobs.options import CHECKPOINT_OPTION as _CHECKPOINT_OPTION  # noqa: E402,F401
+from hqsam.jobs.options import device_or_default as _device_or_default  # noqa: E402,F401
+from hqsam.jobs.options import fail  # noqa: E402
+from hqsam.jobs.submit import ADDRESS_OPTION, DETACH_OPTION, FORWARD_ENV_OPTION, submit_if_requested  # noqa: E402,F401
+
+MODEL_HELP = f"Model variant: {', '.join(VARIANTS)}."
+CHECKPOINT_HELP = (
+    "Weights: a path, an fsspec URI (s3://, gs://, https://) or a zoo name such as sam_hq_vit_tiny. "
+    "Default: the official HQ-SAM file of --model, downloaded once into $HQSAM_CACHE."
+)
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def preview(
+    out: str = typer.Argument(..., help="The --out of `hqsam refine` (local, s3://, gs://)."),
+    to: str = typer.Option(..., "--to", help="Folder for panel_<annotation_id>.png and index.html."),
+    images: str | None = typer.Option(
+        None,
+        "--images",
+        help="Root the images moved to. With --annotations: ROOT/file_name, as `refine --images ROOT`. "
+        "Without: ROOT joined with the last 4, 3, 2 or 1 path parts of the run's image_uri, the first "
+        "that exists. Default: the image_uri the run read.",
+    ),
+    annotations: str | None = typer.Option(
+        None,
+        "--annotations",
+        help="The run's input (COCO JSON or Parquet manifest), for the original masks and boxes; "
+        "without it the panels show the refined outline only.",
+    ),
+    n: int = typer.Option(24, "--n", min=1, help="Number of panels."),
+    worst: bool = typer.Option(
+        False,
+        "--worst",
+        help="Show the N largest changes (lowest iou_vs_original) instead of a spread over the whole range.",
+    ),
+) -> None:
+    """Render PNG panels of image, original (orange) and refined (cyan) outline, and an index.html grid.
+
+    Only ok rows are shown, sorted by iou_vs_original ascending (largest change first); rows without
+    an original mask come last. An image that cannot be read is skipped with a note in index.html.
+    """
+    from hqsam.jobs.preview import PreviewError, run_preview
+
+    try:
+        result = run_preview(out, to, images=images, annotations=annotations, n=n, worst=worst)
+    except PreviewError as error:
+        fail(str(error))
+    typer.echo(f"{len(result.written)} panels, {len(result.skipped)} skipped -> {result.index}")

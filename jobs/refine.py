@@ -13,13 +13,14 @@ from dataclasses import asdict, dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from hqsam_core.build import check_checkpoint
-from hqsam_core.zoo import fetch_checkpoint, sha256_file
-from pipeline import storage
-from pipeline.manifest import read_manifest
-from pipeline.refine_pipeline import RefineSettings, build_refine_dataset
-from pipeline.write_coco import write_coco
-from pipeline.write_parquet import PART_PREFIX, read_parts
+from hqsam.hqsam_core import storage
+from hqsam.hqsam_core.build import check_checkpoint
+from hqsam.hqsam_core.errors import HqsamError
+from hqsam.hqsam_core.zoo import fetch_checkpoint, sha256_file
+from hqsam.pipeline.manifest import read_manifest
+from hqsam.pipeline.refine_pipeline import RefineSettings, build_refine_dataset
+from hqsam.pipeline.write_coco import write_coco
+from hqsam.pipeline.write_parquet import PART_PREFIX, read_parts
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ OUR_OUTPUTS = ("annotations.json", "summary.json")
 NOT_FAILURES = ("ok", "crowd_skipped")  # crowd regions pass through on purpose
 
 
-class OutputNotEmptyError(RuntimeError):
+class OutputNotEmptyError(HqsamError, RuntimeError):
     """OUT already holds files and neither --resume nor --overwrite was given."""
 
 
@@ -188,3 +189,198 @@ def _consume(dataset, annotations: int, progress: bool) -> None:
     with tqdm(total=annotations, unit="ann", disable=not progress, desc="refining") as bar:
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
             bar.update(sum(len(statuses) for statuses in batch["statuses"]))
+
+
+# --- the `hqsam refine` command ------------------------------------------------------------------
+# (moved from jobs/cli.py; its options use the shared declarations in jobs/options.py)
+
+import typer  # noqa: E402
+
+from hqsam.hqsam_core.variants import VARIANTS  # noqa: E402
+from hqsam.jobs.options import CHECKPOINT_OPTION as _CHECKPOINT_OPTION  # noqa: E402,F401
+from hqsam.jobs.options import device_or_default as _device_or_default  # noqa: E402,F401
+from hqsam.jobs.options import fail  # noqa: E402
+from hqsam.jobs.submit import ADDRESS_OPTION, DETACH_OPTION, FORWARD_ENV_OPTION, submit_if_requested  # noqa: E402,F401
+
+MODEL_HELP = f"Model variant: {', '.join(VARIANTS)}."
+CHECKPOINT_HELP = (
+    "Weights: a path, an fsspec URI (s3://, gs://, https://) or a zoo name such as sam_hq_vit_tiny. "
+    "Default: the official HQ-SAM file of --model, downloaded once into $HQSAM_CACHE."
+)
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def parse_actors(text: str) -> tuple[int, int]:
+    """'2' -> (2, 2); '1:8' -> (1, 8)."""
+    try:
+        low, _, high = text.partition(":")
+        bounds = int(low), int(high or low)
+    except ValueError:
+        fail(f"--actors {text!r} is not MIN or MIN:MAX")
+    if bounds[0] < 1 or bounds[1] < bounds[0]:
+        fail(f"--actors {text!r} needs 1 <= MIN <= MAX (Ray actor pools cannot scale to zero)")
+    return bounds
+
+
+def refine(
+    annotations: str = typer.Argument(
+        ...,
+        help="COCO instances JSON, or a Parquet manifest (schemas/manifest.py), local or on object storage.",
+    ),
+    images: str | None = typer.Option(
+        None,
+        "--images",
+        help="Root that file_name / image_uri are relative to (default: the annotation file's folder).",
+    ),
+    out: str = typer.Option(..., "--out", help="Output folder or URI (local, s3://, gs://)."),
+    format: str = typer.Option(
+        "parquet", "--format", help="parquet: OUT/part-*.parquet; coco: those plus OUT/annotations.json."
+    ),
+    model: str = typer.Option("vit_tiny", "--model", help=MODEL_HELP),
+    checkpoint: str | None = typer.Option(None, "--checkpoint", help=CHECKPOINT_HELP),
+    hq_head: str | None = typer.Option(
+        None, "--hq-head", help="HQ head file to combine with a plain SAM checkpoint."
+    ),
+    device: str | None = typer.Option(None, "--device", help="cpu or cuda (default: cuda when present)."),
+    batch_size: int = typer.Option(
+        4, "--batch-size", min=1, help="Images per refine call (all their boxes go along)."
+    ),
+    actors: str = typer.Option(
+        "1",
+        "--actors",
+        help="Refiner actors MIN[:MAX]; with MAX > MIN a cluster autoscaler may add GPU nodes.",
+    ),
+    hq_token_only: bool = typer.Option(
+        False, "--hq-token-only/--no-hq-token-only", help="HQ logits alone, not SAM+HQ."
+    ),
+    box_source: str = typer.Option(
+        "bbox",
+        "--box-source",
+        help="Prompt from the COCO bbox, or from the tight box of the existing segmentation.",
+    ),
+    precision: str | None = typer.Option(
+        None, "--precision", help="fp32, bf16 or fp16 for the model (default: bf16 on CUDA, fp32 on CPU)."
+    ),
+    compile: bool = typer.Option(
+        False, "--compile", help="torch.compile the decoder; the first batch pays for it."
+    ),
+    crop_zoom: float | None = typer.Option(
+        None,
+        "--crop-zoom",
+        min=0.0,
+        max=1.0,
+        help="Refine boxes whose long side is under this share of the image's on a zoomed crop (e.g. 0.25).",
+    ),
+    max_prompts: int | None = typer.Option(
+        None,
+        "--max-prompts",
+        min=1,
+        help="Boxes per decoder call: bounds decoder memory (default: 64 on CUDA, 16 on CPU).",
+    ),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="Torch threads per actor on CPU."),
+    images_per_file: int = typer.Option(
+        512, "--images-per-file", min=1, hidden=True, help="Images per Parquet part file."
+    ),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue a run: skip images already written to OUT."
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Delete hqsam's files in OUT and start over."),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="Refine only the first N images."),
+    max_error_rate: float = typer.Option(
+        0.01,
+        "--max-error-rate",
+        min=0.0,
+        max=1.0,
+        help="Exit 1 when more than this share of annotations failed.",
+    ),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    address: str | None = ADDRESS_OPTION,
+    detach: bool = DETACH_OPTION,
+    forward_env: list[str] = FORWARD_ENV_OPTION,
+) -> None:
+    """Refine every annotation of a dataset with box-prompted HQ-SAM; one output row per input annotation.
+
+    Every annotation ends as exactly one row with a status: ok, image_missing, image_unreadable,
+    image_size_mismatch, invalid_box, crowd_skipped or inference_failed. A summary is printed and
+    written to OUT/summary.json.
+    """
+    submit_if_requested(address, detach, forward_env)
+    from hqsam.hqsam_core import CheckpointError
+    from hqsam.hqsam_core.zoo import CheckpointSourceError
+    from hqsam.jobs.refine import OutputNotEmptyError, RefineConfig, exit_code, run_refine
+    from hqsam.pipeline.manifest import ManifestError
+    from hqsam.pipeline.refine_pipeline import RefineSettings
+
+    if model not in VARIANTS:
+        fail(f"unknown --model {model!r}; choose one of {', '.join(VARIANTS)}")
+    if format not in ("parquet", "coco"):
+        fail(f"--format must be parquet or coco, not {format!r}")
+    if box_source not in ("bbox", "segmentation"):
+        fail(f"--box-source must be bbox or segmentation, not {box_source!r}")
+    if precision not in (None, "fp32", "bf16", "fp16"):
+        fail(f"--precision must be fp32, bf16 or fp16, not {precision!r}")
+    if resume and overwrite:
+        fail("--resume and --overwrite exclude each other")
+    min_actors, max_actors = parse_actors(actors)
+    settings = RefineSettings(
+        variant=model,
+        checkpoint=checkpoint or f"sam_hq_{model}",
+        hq_head=hq_head,
+        device=device or default_device(),
+        batch_size=batch_size,
+        min_actors=min_actors,
+        max_actors=max_actors,
+        hq_token_only=hq_token_only,
+        box_source=box_source,
+        max_prompts=max_prompts,
+        torch_threads=threads,
+        precision=precision,
+        compile=compile,
+        crop_zoom=crop_zoom,
+        images_per_file=images_per_file,
+    )
+    config = RefineConfig(
+        annotations=annotations,
+        out=out,
+        images=images,
+        format=format,
+        settings=settings,
+        resume=resume,
+        overwrite=overwrite,
+        limit=limit,
+        max_error_rate=max_error_rate,
+    )
+    try:
+        summary = run_refine(config, progress=progress)
+    except (CheckpointError, CheckpointSourceError, ManifestError, OutputNotEmptyError) as error:
+        fail(str(error))
+    print_summary(summary)
+    raise typer.Exit(exit_code(summary))
+
+
+def print_summary(summary: dict) -> None:
+    rows = [
+        ("annotations", summary["annotations_total"]),
+        ("refined ok", summary["annotations_ok"]),
+        *((f"  {status}", n) for status, n in summary["errors"].items()),
+        ("images", summary["images_total"]),
+        ("images resumed", summary["images_resumed"]),
+        ("wall time", f"{summary['wall_time_s']:.1f} s"),
+        ("throughput", f"{summary['annotations_per_s']} ann/s, {summary['images_per_s']} img/s"),
+        ("error rate", f"{summary['error_rate']:.4f} (max {summary['max_error_rate']})"),
+        ("summary", f"{summary['out'].rstrip('/')}/summary.json"),
+    ]
+    width = max(len(label) for label, _ in rows)
+    for label, value in rows:
+        typer.echo(f"{label:<{width}}  {value}")
+    if not summary["complete"]:
+        typer.secho(
+            f"{summary['annotations_total'] - summary['annotations_written']} annotations have no output row",
+            err=True,
+            fg=typer.colors.RED,
+        )

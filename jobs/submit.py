@@ -205,7 +205,7 @@ def entrypoint(argv: list[str], address: str) -> str:
     starts in this directory, so relative paths mean what they mean here), then python3 and python
     from the cluster's PATH. A port-forwarded remote head looks local; its candidates still work.
     """
-    args = shlex.join(["-m", "jobs.cli", *argv])
+    args = shlex.join(["-m", "hqsam.jobs.cli", *argv])
     explicit = os.environ.get(CLUSTER_PYTHON_ENV)
     if explicit:
         return f"{shlex.quote(explicit)} {args}"
@@ -218,7 +218,7 @@ def entrypoint(argv: list[str], address: str) -> str:
     )
     return (
         f"{cd}for py in {shlex.join(candidates)}; do "
-        f'if "$py" -c \'import ray, jobs.submit\' 2>/dev/null; then exec "$py" {args}; fi; done; '
+        f'if "$py" -c \'import ray, hqsam.jobs.submit\' 2>/dev/null; then exec "$py" {args}; fi; done; '
         f"echo {shlex.quote(missing)} >&2; exit 127"
     )
 

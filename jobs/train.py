@@ -25,10 +25,12 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from hqsam_core.allocator import retain_freed_memory
-from hqsam_core.build import build_hqsam, check_checkpoint
-from hqsam_core.checkpoint import is_hq_key, save_hq_head, save_model
-from hqsam_core.training import (
+from hqsam.hqsam_core import storage
+from hqsam.hqsam_core.allocator import retain_freed_memory
+from hqsam.hqsam_core.build import build_hqsam, check_checkpoint
+from hqsam.hqsam_core.checkpoint import is_hq_key, save_hq_head, save_model
+from hqsam.hqsam_core.errors import HqsamError
+from hqsam.hqsam_core.training import (
     HQTrainingModule,
     freeze_sam_,
     large_scale_jitter,
@@ -36,9 +38,8 @@ from hqsam_core.training import (
     preprocess_batch,
     sample_prompt,
 )
-from jobs.evaluate import evaluate_rows, summarize_by_source
-from pipeline import storage
-from pipeline.train_sources import (
+from hqsam.jobs.evaluate import evaluate_rows, summarize_by_source
+from hqsam.pipeline.train_sources import (
     build_dataset,
     merge_sources,
     parse_source,
@@ -56,7 +57,7 @@ CONFIG_FILE = "train_config.json"
 RUN_IDENTITY = ("model", "checkpoint", "hq_head")
 
 
-class TrainError(ValueError):
+class TrainError(HqsamError, ValueError):
     """A training run that cannot start or export; the message is one sentence."""
 
 
@@ -139,7 +140,7 @@ def load_base(config: dict) -> torch.nn.Module:
 def _fresh_head_expected():
     """build_hqsam warns that a plain SAM checkpoint leaves the HQ head random ("testing only"):
     for training that head is the one to train, so the warning is not shown."""
-    build_log = logging.getLogger("hqsam_core.build")
+    build_log = logging.getLogger("hqsam.hqsam_core.build")
     level = build_log.level
     build_log.setLevel(logging.ERROR)
     try:
@@ -254,7 +255,7 @@ def train_loop(config: dict) -> None:
     def validate() -> dict | None:
         if not val_rows:
             return None
-        from hqsam_core.refiner import BoxRefiner
+        from hqsam.hqsam_core.refiner import BoxRefiner
 
         refiner = BoxRefiner(sam, device)
         per_sample, sources, skipped = evaluate_rows(refiner, val_rows[rank::world], config["batch_size"])
@@ -572,3 +573,149 @@ __all__ = [
     "train_loop",
     "train_step",
 ]
+
+
+# --- the `hqsam train` command ------------------------------------------------------------------
+# (moved from jobs/cli.py; its options use the shared declarations in jobs/options.py)
+
+import typer  # noqa: E402
+
+from hqsam.hqsam_core.variants import VARIANTS  # noqa: E402
+from hqsam.jobs.options import CHECKPOINT_OPTION as _CHECKPOINT_OPTION  # noqa: E402,F401
+from hqsam.jobs.options import device_or_default as _device_or_default  # noqa: E402,F401
+from hqsam.jobs.options import fail  # noqa: E402
+from hqsam.jobs.submit import ADDRESS_OPTION, DETACH_OPTION, FORWARD_ENV_OPTION, submit_if_requested  # noqa: E402,F401
+
+MODEL_HELP = f"Model variant: {', '.join(VARIANTS)}."
+CHECKPOINT_HELP = (
+    "Weights: a path, an fsspec URI (s3://, gs://, https://) or a zoo name such as sam_hq_vit_tiny. "
+    "Default: the official HQ-SAM file of --model, downloaded once into $HQSAM_CACHE."
+)
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+DATA_HELP = (
+    "Data source; repeat to merge several. An image+gt folder pair SRC (SRC/im/*.jpg|png, SRC/gt/*.png by "
+    "stem), a COCO instances JSON, or the OUT of `hqsam refine` (status ok rows); local or s3://, gs://. "
+    "Options after '::': weight=W (sample it W times per epoch), images=ROOT (COCO image root)."
+)
+
+
+def train(
+    data: list[str] = typer.Option(..., "--data", help=DATA_HELP),
+    out: str = typer.Option(
+        ..., "--out", help="Run folder (local or s3://): checkpoints, hq_head.pth, model.pth, metrics.json."
+    ),
+    model: str = typer.Option("vit_tiny", "--model", help=MODEL_HELP),
+    checkpoint: str | None = typer.Option(
+        None,
+        "--checkpoint",
+        help="BASE weights: SAM or HQ-SAM (path, URI or zoo name); SAM stays frozen and is exported "
+        "bit-identical. A plain SAM file starts a fresh HQ head. Default: sam_hq_<model>.",
+    ),
+    hq_head: str | None = typer.Option(
+        None, "--hq-head", help="Start the HQ head from this file instead of BASE's."
+    ),
+    val: list[str] = typer.Option([], "--val", help="Validation source (same forms as --data); repeatable."),
+    workers: int = typer.Option(1, "--workers", min=1, help="Ray Train workers (one GPU each with cuda)."),
+    device: str | None = typer.Option(None, "--device", help="cpu or cuda (default: cuda when present)."),
+    batch_size: int = typer.Option(4, "--batch-size", min=1, help="Samples per worker per step."),
+    epochs: int = typer.Option(12, "--epochs", min=1, help="Epochs over the merged data."),
+    lr: float = typer.Option(1e-3, "--lr", min=0.0, help="Adam learning rate (no weight decay)."),
+    lr_drop_epoch: int = typer.Option(
+        10, "--lr-drop-epoch", min=1, help="Multiply the lr by 0.1 every N epochs."
+    ),
+    max_steps: int | None = typer.Option(
+        None, "--max-steps", min=1, help="Stop after N steps in all (smoke runs)."
+    ),
+    checkpoint_every: int | None = typer.Option(
+        None, "--checkpoint-every", min=1, help="Also checkpoint every K steps (every epoch's end always is)."
+    ),
+    keep: int = typer.Option(3, "--keep-checkpoints", min=1, help="Checkpoints kept in OUT."),
+    max_failures: int = typer.Option(
+        1, "--max-failures", min=-1, help="Times a failed worker group is restarted from the last checkpoint."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed of the data order, augmentation and a fresh HQ head."),
+    min_score: float | None = typer.Option(
+        None, "--min-score", help="Refined-Parquet sources: keep rows whose score is at least this."
+    ),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, or bf16: autocast the frozen encoder."),
+    cpus_per_worker: float = typer.Option(
+        1.0, "--cpus-per-worker", min=0.1, help="CPUs reserved per worker; the rest decode data."
+    ),
+    log_every: int = typer.Option(10, "--log-every", min=1, help="Print the loss every N steps."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress and loss lines."),
+    address: str | None = ADDRESS_OPTION,
+    detach: bool = DETACH_OPTION,
+    forward_env: list[str] = FORWARD_ENV_OPTION,
+) -> None:
+    """Retrain the HQ head (SAM frozen) with Ray Train on merged datasets, the official recipe.
+
+    Each sample gets a horizontal flip and large-scale jitter to 1024 and one prompt (tight box, 10
+    points or a noisy mask); the loss is point-sampled BCE + dice on the HQ logits; Adam + StepLR.
+    Checkpoints go to OUT every epoch (and every --checkpoint-every steps); running the same command
+    again resumes from the last one. At the end OUT gets hq_head.pth, model.pth and metrics.json.
+    """
+    submit_if_requested(address, detach, forward_env)
+    from hqsam.hqsam_core import CheckpointError
+    from hqsam.hqsam_core.zoo import CheckpointSourceError
+    from hqsam.jobs.train import TrainConfig, TrainError, run_train
+    from hqsam.pipeline.train_sources import SourceError
+
+    if model not in VARIANTS:
+        fail(f"unknown --model {model!r}; choose one of {', '.join(VARIANTS)}")
+    config = TrainConfig(
+        data=data,
+        out=out,
+        model=model,
+        checkpoint=checkpoint or f"sam_hq_{model}",
+        hq_head=hq_head,
+        val=val,
+        workers=workers,
+        device=device or default_device(),
+        batch_size=batch_size,
+        epochs=epochs,
+        lr=lr,
+        lr_drop_epoch=lr_drop_epoch,
+        max_steps=max_steps,
+        checkpoint_every=checkpoint_every,
+        keep_checkpoints=keep,
+        max_failures=max_failures,
+        seed=seed,
+        min_score=min_score,
+        precision=precision,
+        cpus_per_worker=cpus_per_worker,
+        log_every=log_every,
+    )
+    try:
+        summary = run_train(config, progress=progress)
+    except (CheckpointError, CheckpointSourceError, SourceError, TrainError) as error:
+        fail(str(error))
+    last = summary["epochs"][-1] if summary["epochs"] else {}
+    typer.echo(
+        f"trained {summary['global_step']} steps ({summary['epochs_completed']} epochs complete), "
+        f"last train loss {last.get('train_loss') or float('nan'):.4f}"
+    )
+    for name in ("hq_head", "full_model"):
+        typer.echo(f"{name} -> {summary[name]}")
+    typer.echo(f"metrics -> {out.rstrip('/')}/metrics.json")
+
+
+def export(
+    run: str = typer.Argument(..., help="The --out of `hqsam train` (local or s3://)."),
+) -> None:
+    """Write RUN/hq_head.pth, RUN/model.pth and RUN/metrics.json from the run's last checkpoint."""
+    from hqsam.hqsam_core import CheckpointError
+    from hqsam.jobs.train import TrainError, export_run
+
+    try:
+        summary = export_run(run)
+    except (CheckpointError, TrainError) as error:
+        fail(str(error))
+    typer.echo(f"step {summary['global_step']} of {summary['checkpoint']}")
+    typer.echo(f"hq_head -> {summary['hq_head']}\nfull_model -> {summary['full_model']}")

@@ -7,9 +7,9 @@ import math
 import numpy as np
 import orjson
 
-from hqsam_core.images import ImageDecodeError, decode_image
-from hqsam_core.masks import bbox_xywh_to_xyxy, mask_tight_box_xyxy, segmentation_to_mask
-from pipeline.status import PENDING
+from hqsam.hqsam_core.images import ImageDecodeError, decode_image
+from hqsam.hqsam_core.masks import bbox_xywh_to_xyxy, mask_tight_box_xyxy, segmentation_to_mask
+from hqsam.schemas.status import Status
 
 NO_PIXELS = np.zeros((0, 0, 3), np.uint8)
 
@@ -36,7 +36,7 @@ class DecodeImages:
         row["statuses"], row["errors"] = [], []
         for k in range(count):
             prompt, status, error = self._prompt(row, k)
-            if status == PENDING:
+            if status == Status.PENDING:
                 row["prompts"][k] = prompt
             row["statuses"].append(status)
             row["errors"].append(error)
@@ -85,4 +85,4 @@ def _clip_box(box: list[float], width: int, height: int) -> tuple[list[float], s
     clipped = [max(0.0, x0), max(0.0, y0), min(float(width), x1), min(float(height), y1)]
     if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
         return [], "invalid_box", f"box {box} lies entirely outside the {width}x{height} image"
-    return clipped, PENDING, ""
+    return clipped, Status.PENDING, ""

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import orjson
 
-from hqsam_core.masks import encode_rles, rle_area, rle_bbox, segmentation_to_mask
-from hqsam_core.metrics import boundary_iou_batch, mask_iou_batch
+from hqsam.hqsam_core.masks import encode_rles, rle_area, rle_bbox, segmentation_to_mask
+from hqsam.hqsam_core.metrics import boundary_iou_batch, mask_iou_batch
 
 
 def encode_masks(row: dict) -> dict:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import gc
 import io
-import json
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -17,11 +16,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import storage
-from schemas.manifest import IMAGE_TASK
+from hqsam.hqsam_core import storage
+from hqsam.hqsam_core.errors import HqsamError
+from hqsam.schemas.manifest import IMAGE_TASK
 
 
-class ManifestError(ValueError):
+class ManifestError(HqsamError, ValueError):
     """The annotation file cannot be used; the message is one sentence."""
 
 
@@ -47,15 +47,6 @@ def read_manifest(uri: str, images_root: str | None = None) -> Manifest:
     )
 
 
-def load_json(data: bytes):
-    """Parse JSON with orjson; fall back to the standard library for the NaN/Infinity that
-    Python's json.dump writes (a NaN bbox must become an invalid_box row, not a failed run)."""
-    try:
-        return orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return json.loads(data)
-
-
 def _tasks_from_coco(data: bytes, root: str, uri: str) -> pa.Table:
     # A COCO-train-sized file parses into tens of millions of Python objects; the cyclic GC would
     # walk them all again and again while they are built (about half of the parse time). JSON
@@ -63,7 +54,7 @@ def _tasks_from_coco(data: bytes, root: str, uri: str) -> pa.Table:
     # by image with Arrow, not with per-image Python lists.
     with _gc_paused():
         try:
-            coco = load_json(data)
+            coco = storage.parse_json(data)
         except ValueError as error:
             raise ManifestError(f"{uri} is neither Parquet nor valid JSON ({error})") from None
         del data

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from pipeline import storage
-from pipeline.status import one_line
+from hqsam.hqsam_core import storage
+from hqsam.hqsam_core.errors import one_line
 
 
 def read_image_bytes(row: dict) -> dict:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from hqsam_core import BoxRefiner, build_hqsam
-from hqsam_core.allocator import retain_freed_memory
-from pipeline.status import PENDING, one_line
+from hqsam.hqsam_core import BoxRefiner, build_hqsam
+from hqsam.hqsam_core.allocator import retain_freed_memory
+from hqsam.hqsam_core.errors import one_line
+from hqsam.schemas.status import Status
 
 
 class RefineMasks:
@@ -48,9 +49,9 @@ class RefineMasks:
         errors = [list(e) for e in batch["errors"]]
         packed = [[b""] * len(s) for s in statuses]
         scores = [[float("nan")] * len(s) for s in statuses]
-        work = [i for i in range(count) if PENDING in statuses[i]]
+        work = [i for i in range(count) if Status.PENDING in statuses[i]]
         for i, result in self._refine_isolating_failures(batch, statuses, work):
-            pending = [k for k, status in enumerate(statuses[i]) if status == PENDING]
+            pending = [k for k, status in enumerate(statuses[i]) if status == Status.PENDING]
             if isinstance(result, Exception):
                 for k in pending:
                     statuses[i][k], errors[i][k] = "inference_failed", one_line(result)
@@ -79,7 +80,8 @@ class RefineMasks:
     def _refine(self, batch, statuses, indexes):
         images = [batch["pixels"][i] for i in indexes]
         boxes = [
-            np.asarray(batch["prompts"][i], np.float32)[[s == PENDING for s in statuses[i]]] for i in indexes
+            np.asarray(batch["prompts"][i], np.float32)[[s == Status.PENDING for s in statuses[i]]]
+            for i in indexes
         ]
         return self.refiner.refine(images, boxes, hq_token_only=self.hq_token_only, crop_zoom=self.crop_zoom)
 

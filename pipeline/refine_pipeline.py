@@ -7,11 +7,11 @@ from dataclasses import dataclass
 import pyarrow as pa
 import ray
 
-from pipeline.decode_images import DecodeImages
-from pipeline.encode_masks import encode_masks
-from pipeline.read_images import read_image_bytes
-from pipeline.refine_masks import RefineMasks
-from pipeline.write_parquet import WriteParquetParts
+from hqsam.pipeline.decode_images import DecodeImages
+from hqsam.pipeline.encode_masks import encode_masks
+from hqsam.pipeline.read_images import read_image_bytes
+from hqsam.pipeline.refine_masks import RefineMasks
+from hqsam.pipeline.write_parquet import WriteParquetParts
 
 # Host memory a refine actor needs (weights, activations); asking for it also keeps Ray from
 # fusing the IO and decode stages into the refine actor.

@@ -32,10 +32,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
-from hqsam_core.images import decode_image
-from hqsam_core.masks import decode_rle, segmentation_to_mask
-from pipeline import storage
-from pipeline.manifest import ManifestError, read_manifest
+from hqsam.hqsam_core import storage
+from hqsam.hqsam_core.errors import HqsamError
+from hqsam.hqsam_core.images import decode_image
+from hqsam.hqsam_core.masks import decode_rle, segmentation_to_mask
+from hqsam.pipeline.manifest import ManifestError, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +61,11 @@ SAMPLE_ROW = pa.schema(
 )
 
 
-class SourceError(ValueError):
+class SourceError(HqsamError, ValueError):
     """A data source that cannot be used; the message is one sentence."""
 
 
-class SampleError(ValueError):
+class SampleError(HqsamError, ValueError):
     """One sample that cannot be loaded (unreadable image, empty or mismatched mask)."""
 
 
@@ -261,7 +262,7 @@ def _coco_segmentations(uri: str) -> dict[int, str]:
 
 
 def _refined_rows(source: Source, min_score: float | None) -> pa.Table:
-    from pipeline.write_parquet import read_parts
+    from hqsam.pipeline.write_parquet import read_parts
 
     columns = ["image_id", "image_uri", "annotation_id", "category_id", "segmentation", "score", "status"]
     if source.uri.lower().endswith(".parquet"):

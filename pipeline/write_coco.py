@@ -7,9 +7,8 @@ import uuid
 
 import orjson
 
-from pipeline import storage
-from pipeline.manifest import load_json
-from pipeline.write_parquet import read_parts
+from hqsam.hqsam_core import storage
+from hqsam.pipeline.write_parquet import read_parts
 
 RESULT_COLUMNS = [
     "image_id",
@@ -32,7 +31,7 @@ def write_coco(annotations_uri: str, out: str, *, only_processed_images: bool = 
     """
     results = read_parts(out, RESULT_COLUMNS).to_pydict()
     position = {annotation_id: i for i, annotation_id in enumerate(results["annotation_id"])}
-    coco = load_json(storage.read_bytes(annotations_uri))
+    coco = storage.read_json(annotations_uri)
     processed = set(results["image_id"]) if only_processed_images else None
 
     uri = f"{out.rstrip('/')}/annotations.json"

@@ -13,8 +13,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import storage
-from schemas.refined import REFINED_ANNOTATION
+from hqsam.hqsam_core import storage
+from hqsam.schemas.refined import REFINED_ANNOTATION
 
 PART_PREFIX = "part-"
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from hqsam_core.allocator import retain_freed_memory
-from hqsam_core.random_weights import randomize_
+from hqsam.hqsam_core.allocator import retain_freed_memory
+from hqsam.hqsam_core.testing.random_weights import randomize_
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 retain_freed_memory()  # as our CPU workers do: CPU forward passes without page-fault storms
@@ -126,7 +126,7 @@ def s3_bucket(s3_endpoint):
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A random-weights vit_tiny checkpoint in the official format, written by the test session."""
-    from hqsam_core import build_hqsam, save_model
+    from hqsam.hqsam_core import build_hqsam, save_model
 
     path = tmp_path_factory.mktemp("weights") / "hqsam_vit_tiny_random.pth"
     save_model(randomize_(build_hqsam("vit_tiny"), seed=1234), str(path))

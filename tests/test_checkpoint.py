@@ -13,9 +13,9 @@ import pytest
 import segment_anything
 import torch
 
-from hqsam_core import CheckpointError, build_hqsam, save_hq_head, save_model
-from hqsam_core.build import VARIANTS
-from hqsam_core.random_weights import randomize_
+from hqsam.hqsam_core import CheckpointError, build_hqsam, save_hq_head, save_model
+from hqsam.hqsam_core.build import VARIANTS
+from hqsam.hqsam_core.testing.random_weights import randomize_
 
 segment_anything_hq = pytest.importorskip("segment_anything_hq")
 

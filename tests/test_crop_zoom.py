@@ -10,9 +10,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hqsam_core import BoxRefiner
-from hqsam_core.crop_zoom import CropWindow, box_to_crop, crop_image, crop_window, paste_masks, zoom_selection
-from hqsam_core.refiner import Refinement
+from hqsam.hqsam_core import BoxRefiner
+from hqsam.hqsam_core.crop_zoom import (
+    CropWindow,
+    box_to_crop,
+    crop_image,
+    crop_window,
+    paste_masks,
+    zoom_selection,
+)
+from hqsam.hqsam_core.refiner import Refinement
 from tests.test_fast_attention import small_vit_hqsam
 
 BIG = (3000, 4000)  # (h, w) of a 4000x3000 image

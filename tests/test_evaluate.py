@@ -14,11 +14,11 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from typer.testing import CliRunner
 
-from hqsam_core.masks import encode_rle, segmentation_to_mask
-from hqsam_core.metrics import boundary_iou, mask_iou
-from hqsam_core.thin_structures import generate_thin_structures
-from jobs.cli import app
-from jobs.evaluate import BoundaryCOCOeval, coco_ap
+from hqsam.hqsam_core.masks import encode_rle, segmentation_to_mask
+from hqsam.hqsam_core.metrics import boundary_iou, mask_iou
+from hqsam.hqsam_core.testing.thin_structures import generate_thin_structures
+from hqsam.jobs.cli import app
+from hqsam.jobs.evaluate import BoundaryCOCOeval, coco_ap
 from tests.conftest import shared_fixture
 
 

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 from segment_anything.modeling import MaskDecoder, TwoWayTransformer
 
-from hqsam_core import BoxRefiner, build_hqsam
-from hqsam_core.checkpoint import is_hq_key
-from hqsam_core.evaluation import (
+from hqsam.hqsam_core import BoxRefiner, build_hqsam
+from hqsam.hqsam_core.checkpoint import is_hq_key
+from hqsam.hqsam_core.evaluation import (
     SampleScores,
     _squash,
     _squashed_box,
@@ -20,9 +20,9 @@ from hqsam_core.evaluation import (
     score_masks,
     summarize,
 )
-from hqsam_core.metrics import boundary_iou_batch, mask_iou_batch
-from hqsam_core.random_weights import randomize_
-from hqsam_core.training import tight_box
+from hqsam.hqsam_core.metrics import boundary_iou_batch, mask_iou_batch
+from hqsam.hqsam_core.testing.random_weights import randomize_
+from hqsam.hqsam_core.training import tight_box
 
 
 def _rect(shape, top, bottom, left, right) -> np.ndarray:

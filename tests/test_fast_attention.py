@@ -9,10 +9,10 @@ import torch
 from segment_anything.modeling import ImageEncoderViT
 from segment_anything.modeling.image_encoder import Attention, Block
 
-from hqsam_core import build_hqsam
-from hqsam_core.build import _decoder, _prompt_encoder
-from hqsam_core.fast_attention import FusedAttention, attention_kind, rel_pos_attention, set_attention
-from hqsam_core.hqsam import HQSam
+from hqsam.hqsam_core import build_hqsam
+from hqsam.hqsam_core.build import _decoder, _prompt_encoder
+from hqsam.hqsam_core.fast_attention import FusedAttention, attention_kind, rel_pos_attention, set_attention
+from hqsam.hqsam_core.hqsam import HQSam
 
 TOLERANCE = 1e-4
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from hqsam_core.masks import (
+from hqsam.hqsam_core.masks import (
     bbox_xywh_to_xyxy,
     bbox_xyxy_to_xywh,
     decode_rle,

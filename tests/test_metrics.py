@@ -3,7 +3,7 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 
-from hqsam_core.metrics import (
+from hqsam.hqsam_core.metrics import (
     boundary_dilation,
     boundary_iou,
     boundary_iou_batch,

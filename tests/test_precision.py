@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from hqsam_core import BoxRefiner, build_hqsam
-from hqsam_core.fast_attention import attention_kind
-from hqsam_core.random_weights import randomize_
-from hqsam_core.refiner import packbits
+from hqsam.hqsam_core import BoxRefiner, build_hqsam
+from hqsam.hqsam_core.fast_attention import attention_kind
+from hqsam.hqsam_core.refiner import packbits
+from hqsam.hqsam_core.testing.random_weights import randomize_
 from tests.conftest import SHARED_FIXTURES
 from tests.test_fast_attention import small_vit_hqsam
 
@@ -130,7 +130,7 @@ def test_compiled_model_equals_eager(target, tmp_path, monkeypatch) -> None:
 
 
 def _fixture_images_and_boxes():
-    from hqsam_core.images import decode_image
+    from hqsam.hqsam_core.images import decode_image
 
     folder = SHARED_FIXTURES / "hqsam-demo"
     if not folder.exists():
@@ -147,7 +147,7 @@ def _fixture_images_and_boxes():
 
 def _vit_b_model():
     """vit_b with the official weights when they are in the checkpoint cache, else random weights."""
-    from hqsam_core.zoo import cache_dir, zoo_entry
+    from hqsam.hqsam_core.zoo import cache_dir, zoo_entry
 
     path = cache_dir() / zoo_entry("sam_hq_vit_b").filename
     if path.exists():

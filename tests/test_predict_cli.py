@@ -15,9 +15,9 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from hqsam_core import build_hqsam, save_model
-from hqsam_core.random_weights import randomize_
-from jobs.cli import app
+from hqsam.hqsam_core import build_hqsam, save_model
+from hqsam.hqsam_core.testing.random_weights import randomize_
+from hqsam.jobs.cli import app
 from tests.conftest import ROOT, shared_fixture
 
 EXAMPLE7_BOXES = [[45, 260, 515, 470], [310, 228, 424, 296]]
@@ -81,7 +81,7 @@ def _png(image: Image.Image) -> bytes:
 
 def test_console_script_help() -> None:
     script = Path(sys.executable).with_name("hqsam")
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "jobs.cli"]
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "hqsam.jobs.cli"]
     env = {**os.environ, "COLUMNS": "200"}
     done = subprocess.run(
         [*command, "predict", "--help"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120

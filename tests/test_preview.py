@@ -14,9 +14,9 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from typer.testing import CliRunner
 
-from jobs.cli import app
-from jobs.preview import BOX_COLOUR, ORIGINAL_COLOUR, REFINED_COLOUR, outline, select_rows
-from schemas.refined import REFINED_ANNOTATION
+from hqsam.jobs.cli import app
+from hqsam.jobs.preview import BOX_COLOUR, ORIGINAL_COLOUR, REFINED_COLOUR, outline, select_rows
+from hqsam.schemas.refined import REFINED_ANNOTATION
 
 GRAY = (90, 90, 90)
 # image file name -> (height, width); c.png is listed but never written.

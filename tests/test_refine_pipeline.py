@@ -27,12 +27,12 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from typer.testing import CliRunner
 
-from hqsam_core import BoxRefiner, build_hqsam, save_model
-from hqsam_core.random_weights import randomize_
-from jobs.cli import app
-from jobs.refine import RefineConfig, run_refine
-from pipeline.refine_pipeline import MAX_SOURCE_BLOCKS, RefineSettings, source_blocks
-from schemas.refined import REFINED_ANNOTATION
+from hqsam.hqsam_core import BoxRefiner, build_hqsam, save_model
+from hqsam.hqsam_core.testing.random_weights import randomize_
+from hqsam.jobs.cli import app
+from hqsam.jobs.refine import RefineConfig, run_refine
+from hqsam.pipeline.refine_pipeline import MAX_SOURCE_BLOCKS, RefineSettings, source_blocks
+from hqsam.schemas.refined import REFINED_ANNOTATION
 from tests.conftest import ROOT, shared_fixture
 
 W, H = 64, 48  # generated images
@@ -463,7 +463,7 @@ def test_s3_in_and_out_without_credentials_in_logs(s3_bucket, checkpoint: Path, 
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_AUTH_MODE"] = "disabled"
-    command = [sys.executable, "-m", "jobs.cli", "refine", f"s3://{s3_bucket}/ann/coco.json"]
+    command = [sys.executable, "-m", "hqsam.jobs.cli", "refine", f"s3://{s3_bucket}/ann/coco.json"]
     command += ["--images", f"s3://{s3_bucket}/pics", "--out", f"s3://{s3_bucket}/out", "--format", "coco"]
     command += ["--checkpoint", str(checkpoint), "--device", "cpu", "--no-progress"]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)

@@ -18,11 +18,11 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from hqsam_core import build_hqsam, save_model
-from hqsam_core.random_weights import randomize_
-from jobs.cli import app
-from jobs.refine import RefineConfig, run_refine
-from pipeline.refine_pipeline import RefineSettings
+from hqsam.hqsam_core import build_hqsam, save_model
+from hqsam.hqsam_core.testing.random_weights import randomize_
+from hqsam.jobs.cli import app
+from hqsam.jobs.refine import RefineConfig, run_refine
+from hqsam.pipeline.refine_pipeline import RefineSettings
 from tests.conftest import ROOT, kill_session
 
 IMAGES = 10  # Ray blocks hold 8 images: parts appear after the 8th, the run ends after the 10th
@@ -98,7 +98,7 @@ def test_killed_run_resumes_to_the_uninterrupted_rows(uninterrupted, checkpoint:
     assert any(0 < row["area"] < 64 * 48 for row in want.values() if row["status"] == "ok")
 
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "jobs.cli", "refine", str(path), "--out", str(out)]
+    command = [sys.executable, "-m", "hqsam.jobs.cli", "refine", str(path), "--out", str(out)]
     command += ["--checkpoint", str(checkpoint), "--device", "cpu", "--no-progress"]
     command += ["--batch-size", str(BATCH), "--images-per-file", str(PER_FILE), "--threads", "1"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from hqsam_core import BoxRefiner, build_hqsam
-from hqsam_core.random_weights import randomize_
+from hqsam.hqsam_core import BoxRefiner, build_hqsam
+from hqsam.hqsam_core.testing.random_weights import randomize_
 
 segment_anything_hq = pytest.importorskip("segment_anything_hq")
 

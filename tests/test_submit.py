@@ -140,7 +140,7 @@ def _wait_for_job_server(head: subprocess.Popen, url: str, log: Path) -> None:
 def hqsam(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """The real CLI in a subprocess, from the project root, with a clean Ray environment."""
     return subprocess.run(
-        [sys.executable, "-m", "jobs.cli", *args],
+        [sys.executable, "-m", "hqsam.jobs.cli", *args],
         cwd=ROOT,
         env=clean_env(),
         capture_output=True,
@@ -198,7 +198,7 @@ def test_jobs_list_status_logs_stop(ray_head, tmp_path, tiny_checkpoint, monkeyp
     # In-process (CliRunner): every `hqsam` subprocess would pay the torch import again.
     from ray.job_submission import JobSubmissionClient
 
-    from jobs.cli import app
+    from hqsam.jobs.cli import app
 
     for name in ("RAY_ADDRESS", "HQSAM_IN_RAY_JOB", "RAY_JOB_CONFIG_JSON_ENV_VAR"):
         monkeypatch.delenv(name, raising=False)
@@ -248,7 +248,7 @@ def test_jobs_list_status_logs_stop(ray_head, tmp_path, tiny_checkpoint, monkeyp
 
 
 def test_submitted_argv_keeps_what_the_user_gave(monkeypatch):
-    from jobs import cli, submit
+    from hqsam.jobs import cli, submit
 
     calls = []
     monkeypatch.setattr(submit, "submit", lambda argv, address, **kw: calls.append((argv, address, kw)) or 0)
@@ -318,7 +318,7 @@ def test_submitted_argv_keeps_what_the_user_gave(monkeypatch):
     ],
 )
 def test_train_and_evaluate_submit_too(monkeypatch, args, expected):
-    from jobs import cli, submit
+    from hqsam.jobs import cli, submit
 
     calls = []
     monkeypatch.setattr(submit, "submit", lambda argv, address, **kw: calls.append(argv) or 0)
@@ -330,7 +330,7 @@ def test_train_and_evaluate_submit_too(monkeypatch, args, expected):
 
 
 def test_local_path_to_a_remote_cluster_warns(monkeypatch, tiny_checkpoint):
-    from jobs import cli, submit
+    from hqsam.jobs import cli, submit
 
     monkeypatch.setattr(submit, "submit", lambda argv, address, **kw: 0)
     monkeypatch.delenv("HQSAM_IN_RAY_JOB", raising=False)
@@ -344,7 +344,7 @@ def test_local_path_to_a_remote_cluster_warns(monkeypatch, tiny_checkpoint):
 
 
 def test_inside_a_job_the_command_runs_in_place(monkeypatch, tmp_path):
-    from jobs import cli, submit
+    from hqsam.jobs import cli, submit
 
     monkeypatch.setattr(submit, "submit", lambda *a, **kw: pytest.fail("re-submitted from inside a job"))
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")  # what Ray sets for every job driver
@@ -364,20 +364,20 @@ def test_inside_a_job_the_command_runs_in_place(monkeypatch, tmp_path):
 
 
 def test_entrypoint_names_a_checked_interpreter(monkeypatch):
-    from jobs.submit import entrypoint
+    from hqsam.jobs.submit import entrypoint
 
     monkeypatch.delenv("HQSAM_CLUSTER_PYTHON", raising=False)
     remote = entrypoint(["refine", "--", "s3://b/a.json"], "http://10.0.0.1:8265")
     assert remote.startswith("for py in python3 python; do")
-    assert "import ray, jobs.submit" in remote and "exit 127" in remote
+    assert "import ray, hqsam.jobs.submit" in remote and "exit 127" in remote
     local = entrypoint(["refine"], "http://127.0.0.1:8265")
     assert sys.executable in local and local.startswith("cd ")
     monkeypatch.setenv("HQSAM_CLUSTER_PYTHON", "/opt/py/bin/python")
-    assert entrypoint(["refine"], "ray://head:10001") == "/opt/py/bin/python -m jobs.cli refine"
+    assert entrypoint(["refine"], "ray://head:10001") == "/opt/py/bin/python -m hqsam.jobs.cli refine"
 
 
 def test_runtime_env_ships_the_checkout_and_redacts_forwarded_values(monkeypatch):
-    from jobs.submit import describe_runtime_env, runtime_env
+    from hqsam.jobs.submit import describe_runtime_env, runtime_env
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "very-secret")
     env = runtime_env(["AWS_SECRET_ACCESS_KEY"])
@@ -390,8 +390,8 @@ def test_runtime_env_ships_the_checkout_and_redacts_forwarded_values(monkeypatch
 def test_refine_requests_its_gpus_up_front_on_a_cluster_only(monkeypatch):
     import ray.autoscaler.sdk
 
-    from jobs.refine import _requested_resources
-    from pipeline.refine_pipeline import RefineSettings
+    from hqsam.jobs.refine import _requested_resources
+    from hqsam.pipeline.refine_pipeline import RefineSettings
 
     calls = []
     monkeypatch.setattr(ray.autoscaler.sdk, "request_resources", lambda **kw: calls.append(kw))

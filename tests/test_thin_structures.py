@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hqsam_core.metrics import boundary_dilation
-from hqsam_core.thin_structures import THIN_KINDS, _rasterize, generate_thin_structures
+from hqsam.hqsam_core.metrics import boundary_dilation
+from hqsam.hqsam_core.testing.thin_structures import THIN_KINDS, _rasterize, generate_thin_structures
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +107,7 @@ def test_image_is_antialiased_and_mask_is_the_exact_rasterisation():
 
 def test_generated_edges_are_blended(monkeypatch):
     # plain grey background and a white object: pixels are 100 + 150 * coverage (+ noise)
-    import hqsam_core.thin_structures as thin
+    import hqsam.hqsam_core.testing.thin_structures as thin
 
     monkeypatch.setattr(thin, "_background", lambda rng, size: np.full((size, size, 3), 100.0))
     monkeypatch.setattr(thin, "_object_colour", lambda rng, background: np.full(3, 250.0))

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from hqsam_core.tiny_vit import EARLY_FEATURE_LAYER, ConvBN, TinyViT, early_feature_to_nchw
+from hqsam.hqsam_core.tiny_vit import EARLY_FEATURE_LAYER, ConvBN, TinyViT, early_feature_to_nchw
 
 sam_hq = pytest.importorskip("segment_anything_hq")
 

@@ -24,14 +24,14 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from hqsam_core import build_hqsam
-from hqsam_core.checkpoint import is_hq_key
-from hqsam_core.masks import encode_rle
-from hqsam_core.metrics import mask_iou
-from hqsam_core.thin_structures import generate_thin_structures
-from jobs.cli import app
-from jobs.train import TrainConfig, TrainError, run_train
-from pipeline.train_sources import (
+from hqsam.hqsam_core import build_hqsam
+from hqsam.hqsam_core.checkpoint import is_hq_key
+from hqsam.hqsam_core.masks import encode_rle
+from hqsam.hqsam_core.metrics import mask_iou
+from hqsam.hqsam_core.testing.thin_structures import generate_thin_structures
+from hqsam.jobs.cli import app
+from hqsam.jobs.train import TrainConfig, TrainError, run_train
+from hqsam.pipeline.train_sources import (
     SampleError,
     SourceError,
     apply_weight,
@@ -41,8 +41,8 @@ from pipeline.train_sources import (
     parse_source,
     source_rows,
 )
-from pipeline.write_parquet import write_atomically
-from schemas.refined import REFINED_ANNOTATION
+from hqsam.pipeline.write_parquet import write_atomically
+from hqsam.schemas.refined import REFINED_ANNOTATION
 from tests.conftest import ROOT, kill_session, shared_fixture
 
 segment_anything_hq = pytest.importorskip("segment_anything_hq")
@@ -369,7 +369,7 @@ def test_killed_run_resumes_from_its_last_checkpoint_on_s3(
     command = [
         sys.executable,
         "-m",
-        "jobs.cli",
+        "hqsam.jobs.cli",
         "train",
         "--data",
         f"s3://{s3_bucket}/pair",

@@ -22,18 +22,18 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from hqsam_core import build_hqsam
-from hqsam_core.checkpoint import is_hq_key
-from hqsam_core.evaluation import evaluate_batch, summarize
-from hqsam_core.thin_structures import generate_thin_structures
-from hqsam_core.training import (
+from hqsam.hqsam_core import build_hqsam
+from hqsam.hqsam_core.checkpoint import is_hq_key
+from hqsam.hqsam_core.evaluation import evaluate_batch, summarize
+from hqsam.hqsam_core.testing.thin_structures import generate_thin_structures
+from hqsam.hqsam_core.training import (
     HQTrainingModule,
     freeze_sam_,
     large_scale_jitter,
     preprocess_batch,
     sample_prompt,
 )
-from jobs.train import make_optimizer, train_step
+from hqsam.jobs.train import make_optimizer, train_step
 
 TRAIN_IMAGES, VIEWS, HELD_OUT = 16, 1, 8
 STEPS, BATCH, LR = 100, 1, 1e-3  # the recipe's lr; held-out mIoU rises within ~50 steps

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from hqsam_core import build_hqsam
-from hqsam_core.checkpoint import is_hq_key
-from hqsam_core.random_weights import randomize_
-from hqsam_core.training import (
+from hqsam.hqsam_core import build_hqsam
+from hqsam.hqsam_core.checkpoint import is_hq_key
+from hqsam.hqsam_core.testing.random_weights import randomize_
+from hqsam.hqsam_core.training import (
     HQTrainingModule,
     Prompt,
     freeze_sam_,

@@ -19,8 +19,8 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from hqsam_core import zoo
-from hqsam_core.zoo import CheckpointSourceError, ZooEntry, fetch_checkpoint
+from hqsam.hqsam_core import zoo
+from hqsam.hqsam_core.zoo import CheckpointSourceError, ZooEntry, fetch_checkpoint
 
 PAYLOAD = random.Random(0).randbytes(300_000)
 PAYLOAD_SHA256 = hashlib.sha256(PAYLOAD).hexdigest()
