@@ -41,6 +41,20 @@ HQ_HEAD_OPTION = typer.Option(
     None, "--hq-head", help="HQ head file to combine with a plain SAM checkpoint (e.g. a run's hq_head.pth)."
 )
 DEVICE_OPTION = typer.Option(None, "--device", help="Where the model runs (default: cuda when present).")
+ADDRESS_HELP = (
+    "Run as a job on this Ray cluster instead of here: the dashboard URL (http://HEAD:8265) or a "
+    "Ray address. Logs are followed until the job ends; the exit code is the job's."
+)
+ADDRESS_OPTION = typer.Option(None, "--address", envvar="RAY_ADDRESS", help=ADDRESS_HELP)
+DETACH_OPTION = typer.Option(
+    False, "--detach", help="With --address: print the job id and return at once (see `hqsam jobs`)."
+)
+FORWARD_ENV_OPTION = typer.Option(
+    [],
+    "--forward-env",
+    help="With --address: copy this local environment variable into the job (e.g. AWS_ENDPOINT_URL); "
+    "repeatable. Values are never printed.",
+)
 PROGRESS_OPTION = typer.Option(True, "--progress/--no-progress", help="Show progress.")
 
 

@@ -72,20 +72,6 @@ WORKING_DIR_EXCLUDES = [
     "*.safetensors",
 ]
 
-ADDRESS_HELP = (
-    "Run as a job on this Ray cluster instead of here: the dashboard URL (http://HEAD:8265) or a "
-    "Ray address. Logs are followed until the job ends; the exit code is the job's."
-)
-ADDRESS_OPTION = typer.Option(None, "--address", envvar="RAY_ADDRESS", help=ADDRESS_HELP)
-DETACH_OPTION = typer.Option(
-    False, "--detach", help="With --address: print the job id and return at once (see `hqsam jobs`)."
-)
-FORWARD_ENV_OPTION = typer.Option(
-    [],
-    "--forward-env",
-    help="With --address: copy this local environment variable into the job (e.g. AWS_ENDPOINT_URL); "
-    "repeatable. Values are never printed.",
-)
 # The options submission consumes; never forwarded to the job.
 SUBMIT_PARAMS = ("address", "detach", "forward_env")
 
