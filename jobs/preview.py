@@ -426,9 +426,7 @@ import typer  # noqa: E402
 from hqsam.hqsam_core.variants import VARIANTS  # noqa: E402
 from hqsam.jobs.options import CHECKPOINT_OPTION as _CHECKPOINT_OPTION  # noqa: E402,F401
 from hqsam.jobs.options import device_or_default as _device_or_default  # noqa: E402,F401
-from hqsam.jobs.options import (
-    fail,  # noqa: E402
-)
+from hqsam.jobs.options import fail  # noqa: E402
 from hqsam.jobs.submit import submit_if_requested  # noqa: E402,F401
 
 MODEL_HELP = f"Model variant: {', '.join(VARIANTS)}."
