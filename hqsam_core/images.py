@@ -37,6 +37,25 @@ def decode_image(data: bytes, expected_size: tuple[int, int] | None = None) -> n
     return to_rgb(image)
 
 
+class ImageSizeMismatchError(ImageDecodeError):
+    """The image decodes to another size than its record says."""
+
+
+def decode_at_recorded_size(data: bytes, height: int | None, width: int | None) -> np.ndarray:
+    """`decode_image` for an image whose record gives its size (None or <= 0: unknown).
+
+    Raises ImageSizeMismatchError when a known size differs from the decoded one, ImageDecodeError
+    when the bytes do not decode."""
+    known = height is not None and width is not None and height > 0 and width > 0
+    pixels = decode_image(data, (int(height), int(width)) if known else None)
+    decoded_height, decoded_width = pixels.shape[:2]
+    if known and (decoded_height, decoded_width) != (height, width):
+        raise ImageSizeMismatchError(
+            f"decodes to {decoded_width}x{decoded_height}, its record says {int(width)}x{int(height)}"
+        )
+    return pixels
+
+
 def to_rgb(image: Image.Image) -> np.ndarray:
     """Any PIL mode -> HxWx3 uint8 RGB (16/32-bit gray is scaled, alpha is dropped)."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
