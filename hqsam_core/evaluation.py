@@ -17,7 +17,7 @@ Boundary IoU (d = 2% of the diagonal) against the GT; per-image means (`summariz
   256x256 logits resized straight to the GT size. `resize="longest"` is the BoxRefiner path that
   `hqsam refine` uses: longest side to 1024, aspect kept, box in original pixels; logits upsampled
   to 1024, padding cropped, resized to the GT.
-- Boxes are the official `masks_to_boxes`: inclusive pixel indices (see `training.tight_box`). An
+- Boxes are the official `masks_to_boxes`: inclusive pixel indices (see `masks.tight_box_inclusive`). An
   empty GT gets the box (0, 0, 0, 0); its scores are 1.0 for an empty prediction and 0.0 otherwise.
 """
 
@@ -34,9 +34,9 @@ from torch import nn
 
 from hqsam.hqsam_core.fast_attention import attention_kind
 from hqsam.hqsam_core.hqsam import HQSam
+from hqsam.hqsam_core.masks import tight_box_inclusive
 from hqsam.hqsam_core.metrics import boundary_iou_batch, mask_iou_batch
 from hqsam.hqsam_core.refiner import BoxRefiner, EncodedImages
-from hqsam.hqsam_core.training import tight_box
 
 RESIZE_MODES = ("longest", "square")
 SAM_KEYS = ("sam_iou", "sam_biou", "hq_iou", "hq_biou")
@@ -106,7 +106,7 @@ def _squash(image: np.ndarray, size: int) -> np.ndarray:
 def _squashed_box(gt: np.ndarray, size: int) -> np.ndarray | None:
     label = torch.from_numpy(gt.astype(np.float32) * 255.0)[None, None]
     resized = F.interpolate(label, size=(size, size), mode="bilinear", align_corners=False)[0, 0]
-    return tight_box((resized > 128).numpy())
+    return tight_box_inclusive((resized > 128).numpy())
 
 
 def evaluate_batch(
@@ -171,7 +171,7 @@ def _predict(
         boxes = [_squashed_box(gt, size) for gt in gts]
     else:
         inputs = list(images)
-        boxes = [tight_box(gt) for gt in gts]
+        boxes = [tight_box_inclusive(gt) for gt in gts]
     boxes = np.stack([np.zeros(4, np.float32) if box is None else box for box in boxes])
     features = refiner.encode(inputs)
     hq = refiner.decode(features, boxes, np.arange(len(images)), hq_token_only=hq_token_only)

@@ -89,8 +89,19 @@ def bbox_xyxy_to_xywh(box: Sequence[float]) -> list[float]:
     return [float(x0), float(y0), float(x1 - x0), float(y1 - y0)]
 
 
-def mask_tight_box_xyxy(mask: np.ndarray) -> list[float] | None:
-    """Pixel-edge box (x0, y0, x1 + 1, y1 + 1) around the foreground, or None for an empty mask."""
+def tight_box_pixel_edges(mask: np.ndarray) -> list[float] | None:
+    """XYXY box on pixel edges (x0, y0, x1 + 1, y1 + 1) around the foreground, as COCO boxes are;
+    None for an empty mask."""
     if not mask.any():
         return None
     return bbox_xywh_to_xyxy(mask_to_bbox(mask))
+
+
+def tight_box_inclusive(mask: np.ndarray) -> np.ndarray | None:
+    """(4,) float32 XYXY on inclusive pixel indices, as the official `masks_to_boxes` (training and
+    evaluation prompts); None when empty."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(mask.any(axis=0))
+    return np.array([cols[0], rows[0], cols[-1], rows[-1]], dtype=np.float32)

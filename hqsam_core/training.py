@@ -26,6 +26,7 @@ from torch import nn
 
 from hqsam.hqsam_core.hqsam import HQSam
 from hqsam.hqsam_core.mask_decoder_hq import HQ_MODULES
+from hqsam.hqsam_core.masks import tight_box_inclusive
 
 PROMPT_KINDS = ("box", "points", "mask")
 NUM_POINTS = 10  # positive points per point prompt, as the official trainer
@@ -125,15 +126,6 @@ def large_scale_jitter(
 # Prompts
 
 
-def tight_box(mask: np.ndarray) -> np.ndarray | None:
-    """(4,) float32 XYXY of the official `masks_to_boxes`: inclusive pixel indices; None when empty."""
-    rows = np.flatnonzero(mask.any(axis=1))
-    if rows.size == 0:
-        return None
-    cols = np.flatnonzero(mask.any(axis=0))
-    return np.array([cols[0], rows[0], cols[-1], rows[-1]], dtype=np.float32)
-
-
 def noisy_mask(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """The official noisy mask prompt (train/utils/misc.py masks_noise), (256, 256) float32 in {0, 255}.
 
@@ -166,7 +158,7 @@ def sample_prompt(mask: np.ndarray, rng: np.random.Generator) -> Prompt:
     kinds = PROMPT_KINDS if area >= NUM_POINTS else ("box", "mask") if area else ("mask",)
     kind = kinds[int(rng.integers(len(kinds)))]
     if kind == "box":
-        return Prompt("box", box=tight_box(mask))
+        return Prompt("box", box=tight_box_inclusive(mask))
     if kind == "points":
         rows, cols = np.nonzero(mask)
         chosen = rng.choice(area, size=NUM_POINTS, replace=False)

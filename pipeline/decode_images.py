@@ -8,7 +8,7 @@ import numpy as np
 import orjson
 
 from hqsam.hqsam_core.images import ImageDecodeError, decode_image
-from hqsam.hqsam_core.masks import bbox_xywh_to_xyxy, mask_tight_box_xyxy, segmentation_to_mask
+from hqsam.hqsam_core.masks import bbox_xywh_to_xyxy, segmentation_to_mask, tight_box_pixel_edges
 from hqsam.schemas.status import Status
 
 NO_PIXELS = np.zeros((0, 0, 3), np.uint8)
@@ -65,7 +65,7 @@ class DecodeImages:
                 mask = segmentation_to_mask(orjson.loads(row["segmentations"][k] or "null"), height, width)
             except (ValueError, TypeError, orjson.JSONDecodeError) as error:
                 return [], "invalid_box", f"no box from the segmentation: {error}"
-            box = mask_tight_box_xyxy(mask)
+            box = tight_box_pixel_edges(mask)
             if box is None:
                 return [], "invalid_box", "the segmentation is empty, so it gives no box"
         else:

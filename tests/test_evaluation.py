@@ -20,9 +20,9 @@ from hqsam.hqsam_core.evaluation import (
     score_masks,
     summarize,
 )
+from hqsam.hqsam_core.masks import tight_box_inclusive
 from hqsam.hqsam_core.metrics import boundary_iou_batch, mask_iou_batch
 from hqsam.hqsam_core.testing.random_weights import randomize_
-from hqsam.hqsam_core.training import tight_box
 
 
 def _rect(shape, top, bottom, left, right) -> np.ndarray:
@@ -86,7 +86,7 @@ def test_square_resize_helpers_follow_the_official_loader():
     # output pixel r samples the source at (r + .5) / s - .5 (s = 10.24 for rows, 20.48 for columns);
     # > 128 of 255 needs that within 0.498 px of the GT's pixels: rows 102..204, columns 102..613
     assert _squashed_box(gt, 1024).tolist() == [102, 102, 613, 204]
-    assert tight_box(gt).tolist() == [5, 10, 29, 19]
+    assert tight_box_inclusive(gt).tolist() == [5, 10, 29, 19]
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +139,7 @@ def test_evaluate_batch_matches_independent_sam_and_hq_masks(tiny_model, monkeyp
     # Independent computation: HQ-only masks from BoxRefiner, SAM masks from segment_anything's decoder.
     refiner = BoxRefiner(model)
     features = refiner.encode(images)
-    boxes = np.stack([tight_box(gt) for gt in gts])
+    boxes = np.stack([tight_box_inclusive(gt) for gt in gts])
     hq = refiner.decode(features, boxes, np.arange(2), hq_token_only=True)
     decoder = _plain_sam_decoder(model)
     for i, gt in enumerate(gts):

@@ -8,11 +8,11 @@ from hqsam.hqsam_core.masks import (
     decode_rle,
     encode_rle,
     encode_rles,
-    mask_tight_box_xyxy,
     mask_to_bbox,
     polygons_to_mask,
     rle_area,
     segmentation_to_mask,
+    tight_box_pixel_edges,
 )
 
 
@@ -148,6 +148,6 @@ def test_bbox_conversions():
 def test_mask_tight_box():
     mask = np.zeros((7, 6), dtype=bool)
     mask[2, 3] = mask[4, 1] = True
-    assert mask_tight_box_xyxy(mask) == [1.0, 2.0, 4.0, 5.0]
-    assert mask_tight_box_xyxy(np.ones((3, 4), bool)) == [0.0, 0.0, 4.0, 3.0]
-    assert mask_tight_box_xyxy(np.zeros((3, 4), bool)) is None
+    assert tight_box_pixel_edges(mask) == [1.0, 2.0, 4.0, 5.0]
+    assert tight_box_pixel_edges(np.ones((3, 4), bool)) == [0.0, 0.0, 4.0, 3.0]
+    assert tight_box_pixel_edges(np.zeros((3, 4), bool)) is None
