@@ -7,8 +7,6 @@ The per-sample loop here (`evaluate_rows`) is also what `hqsam train --val` runs
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 import math
 import time
@@ -17,18 +15,13 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-from pycocotools import mask as mask_utils
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 
 from hqsam.hqsam_core import storage
 from hqsam.hqsam_core.allocator import retain_freed_memory
 from hqsam.hqsam_core.build import build_hqsam
-from hqsam.hqsam_core.evaluation import evaluate_batch, summarize
-from hqsam.hqsam_core.masks import encode_rle
-from hqsam.hqsam_core.metrics import boundary_iou_batch
-from hqsam.hqsam_core.refiner import BoxRefiner
-from hqsam.pipeline.train_sources import SampleError, Source, load_sample, parse_source, source_rows
+from hqsam.hqsam_core.coco_eval import BoundaryCOCOeval, coco_ap  # noqa: F401
+from hqsam.pipeline.evaluate_samples import RecordingRefiner, evaluate_rows, summarize_by_source  # noqa: F401
+from hqsam.pipeline.train_sources import SampleError, Source, load_sample, parse_source, source_rows  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -58,180 +51,6 @@ class EvaluateConfig:
     min_score: float | None = None
     limit: int | None = None  # samples per source
     extra: dict = field(default_factory=dict)
-
-
-class RecordingRefiner(BoxRefiner):
-    """A BoxRefiner that keeps its last decode results per hq_token_only flag (for COCO AP: the
-    very masks and scores evaluate_batch scored, without decoding twice)."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.last: dict[bool, list] = {}
-
-    def decode(self, features, boxes, image_index, *, hq_token_only=False, multimask_output=False):
-        result = super().decode(
-            features, boxes, image_index, hq_token_only=hq_token_only, multimask_output=multimask_output
-        )
-        self.last[hq_token_only] = result
-        return result
-
-
-def evaluate_rows(
-    refiner: BoxRefiner,
-    rows: list[dict],
-    batch_size: int,
-    *,
-    hq_token_only: bool = True,
-    resize: str = "square",
-    predictions: list | None = None,
-) -> tuple[dict[str, list], list[str], int]:
-    """Per-sample metrics of sample rows (evaluation.evaluate_batch), each sample's source, and how
-    many rows could not be loaded. With `predictions` (and a RecordingRefiner), each sample with
-    COCO ids adds {image_id, category_id, segmentation (RLE of the HQ mask), score, mask}."""
-    per_sample: dict[str, list] = defaultdict(list)
-    sources: list[str] = []
-    skipped = 0
-    for start in range(0, len(rows), batch_size):
-        samples = []
-        for row in rows[start : start + batch_size]:
-            try:
-                samples.append(load_sample(row))
-            except SampleError as error:
-                log.warning("evaluation: skipping %s: %s", row.get("key"), error)
-                skipped += 1
-        if not samples:
-            continue
-        if isinstance(refiner, RecordingRefiner):
-            refiner.last = {}
-        hq_masks: list[np.ndarray] = []
-        result = evaluate_batch(
-            refiner,
-            [s["image"] for s in samples],
-            [s["mask"] for s in samples],
-            [s["original"] for s in samples],  # always given: the keys stay aligned across batches
-            hq_token_only=hq_token_only,
-            resize=resize,
-            hq_masks_out=hq_masks,
-        )
-        for key, values in result.items():
-            per_sample[key].extend(values)
-        sources.extend(s["source"] for s in samples)
-        if predictions is not None:
-            _collect(refiner, samples, hq_masks, hq_token_only, predictions)
-    return dict(per_sample), sources, skipped
-
-
-def _collect(
-    refiner: BoxRefiner, samples: list[dict], masks: list[np.ndarray], hq_token_only: bool, predictions: list
-) -> None:
-    decoded = getattr(refiner, "last", {}).get(hq_token_only)
-    if decoded is None or len(decoded) != len(samples):
-        raise RuntimeError("COCO AP needs a RecordingRefiner whose decode evaluate_batch called")
-    for sample, refinement, mask in zip(samples, decoded, masks):
-        if sample.get("image_id") is None or sample.get("annotation_id") is None:
-            continue
-        predictions.append(
-            {
-                "image_id": int(sample["image_id"]),
-                "category_id": int(sample["category_id"]) if sample.get("category_id") is not None else 1,
-                "segmentation": encode_rle(mask),
-                "score": float(refinement.scores[0]),
-                "annotation_id": int(sample["annotation_id"]),
-            }
-        )
-
-
-def summarize_by_source(per_sample: dict[str, list], sources: list[str]) -> dict:
-    """{"overall": pooled over all samples, "sources": {name: summary}, "samples": N}."""
-    aligned = {key: values for key, values in per_sample.items() if len(values) == len(sources)}
-    result: dict = {"overall": summarize(aligned) if sources else {}, "sources": {}, "samples": len(sources)}
-    for name in dict.fromkeys(sources):
-        index = [i for i, s in enumerate(sources) if s == name]
-        subset = {key: [values[i] for i in index] for key, values in aligned.items()}
-        result["sources"][name] = {**summarize(subset), "samples": len(index)}
-    return result
-
-
-# ---------------------------------------------------------------------------------------------
-# COCO mask AP and Boundary AP
-
-
-def coco_ap(coco_data: dict, predictions: list[dict]) -> dict[str, float]:
-    """Mask AP / AP50 / AP75 and Boundary AP / AP50 / AP75 of predictions over the images they cover.
-
-    Boundary AP is COCOeval with each (prediction, non-crowd GT) pair scored by min(mask IoU,
-    Boundary IoU) (Cheng et al. 2021, dilation 2% of the image diagonal); crowd GTs keep COCO's
-    crowd IoU. Values are fractions in [0, 1] (COCOeval's -1 for "no GT" becomes None).
-    """
-    if not predictions:
-        return {}
-    image_ids = sorted({p["image_id"] for p in predictions})
-    ground_truth = COCO()
-    data = dict(coco_data)
-    data.setdefault("categories", [])
-    known = {c["id"] for c in data["categories"]}
-    data["categories"] = data["categories"] + [
-        {"id": c} for c in sorted({p["category_id"] for p in predictions} - known)
-    ]
-    # COCOeval records a match as the matched GT's id and reads id 0 as "no match": renumber the
-    # annotations from 1 (their ids do not enter the metric; files such as labelme's start at 0).
-    data["annotations"] = [
-        {"iscrowd": 0, "area": 0, **annotation, "id": k + 1}
-        for k, annotation in enumerate(data.get("annotations", []))
-    ]
-    ground_truth.dataset = data
-    with contextlib.redirect_stdout(io.StringIO()):
-        ground_truth.createIndex()
-        detections = ground_truth.loadRes(
-            [{k: p[k] for k in ("image_id", "category_id", "segmentation", "score")} for p in predictions]
-        )
-    result = {}
-    for name, evaluator_class in (("mask", COCOeval), ("boundary", BoundaryCOCOeval)):
-        evaluator = evaluator_class(ground_truth, detections, "segm")
-        evaluator.params.imgIds = image_ids
-        with contextlib.redirect_stdout(io.StringIO()):
-            evaluator.evaluate()
-            evaluator.accumulate()
-            evaluator.summarize()
-        for k, suffix in enumerate(("ap", "ap50", "ap75")):
-            value = float(evaluator.stats[k])
-            result[f"{name}_{suffix}"] = value if value >= 0 else None
-    return result
-
-
-class BoundaryCOCOeval(COCOeval):
-    """COCOeval whose pair score is min(mask IoU, Boundary IoU) for non-crowd GTs (Boundary AP)."""
-
-    def computeIoU(self, imgId, catId):  # noqa: N802, N803 (COCOeval's names)
-        ious = super().computeIoU(imgId, catId)
-        if len(ious) == 0:
-            return ious
-        params = self.params
-        if params.useCats:
-            gts, dts = self._gts[imgId, catId], self._dts[imgId, catId]
-        else:
-            gts = [g for c in params.catIds for g in self._gts[imgId, c]]
-            dts = [d for c in params.catIds for d in self._dts[imgId, c]]
-        order = np.argsort([-d["score"] for d in dts], kind="mergesort")  # COCOeval's order
-        dts = [dts[i] for i in order][: params.maxDets[-1]]
-        ious = np.array(ious, dtype=np.float64)
-        gt_masks = None
-        for i, dt in enumerate(dts):
-            # min(IoU, BIoU) is 0 where the masks do not overlap: Boundary IoU only where they do
-            columns = [j for j, g in enumerate(gts) if not g["iscrowd"] and ious[i, j] > 0]
-            if not columns:
-                continue
-            if gt_masks is None:
-                gt_masks = mask_utils.decode([g["segmentation"] for g in gts]).transpose(2, 0, 1).astype(bool)
-            dt_mask = mask_utils.decode(dt["segmentation"]).astype(bool)
-            pairs = gt_masks[columns]
-            boundary = boundary_iou_batch(np.broadcast_to(dt_mask, pairs.shape), pairs)
-            ious[i, columns] = np.minimum(ious[i, columns], boundary)
-        return ious
-
-
-# ---------------------------------------------------------------------------------------------
-# The command
 
 
 def run_evaluate(config: EvaluateConfig) -> dict:

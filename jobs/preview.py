@@ -25,7 +25,7 @@ from hqsam.hqsam_core.errors import HqsamError, one_line
 from hqsam.hqsam_core.images import decode_image
 from hqsam.hqsam_core.masks import bbox_xywh_to_xyxy, decode_rle, segmentation_to_mask
 from hqsam.pipeline.manifest import ManifestError, read_manifest
-from hqsam.pipeline.write_parquet import part_files
+from hqsam.pipeline.read_refined import part_files
 
 ORIGINAL_COLOUR = (255, 140, 0)  # orange
 REFINED_COLOUR = (0, 255, 255)  # cyan

@@ -18,9 +18,9 @@ from hqsam.hqsam_core.build import check_checkpoint
 from hqsam.hqsam_core.errors import HqsamError
 from hqsam.hqsam_core.zoo import fetch_checkpoint, sha256_file
 from hqsam.pipeline.manifest import read_manifest
+from hqsam.pipeline.read_refined import PART_PREFIX, read_parts
 from hqsam.pipeline.refine_pipeline import RefineSettings, build_refine_dataset
 from hqsam.pipeline.write_coco import write_coco
-from hqsam.pipeline.write_parquet import PART_PREFIX, read_parts
 
 log = logging.getLogger(__name__)
 

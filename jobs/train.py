@@ -38,7 +38,7 @@ from hqsam.hqsam_core.training import (
     preprocess_batch,
     sample_prompt,
 )
-from hqsam.jobs.evaluate import evaluate_rows, summarize_by_source
+from hqsam.pipeline.evaluate_samples import evaluate_rows, summarize_by_source
 from hqsam.pipeline.train_sources import (
     build_dataset,
     merge_sources,

@@ -262,7 +262,7 @@ def _coco_segmentations(uri: str) -> dict[int, str]:
 
 
 def _refined_rows(source: Source, min_score: float | None) -> pa.Table:
-    from hqsam.pipeline.write_parquet import read_parts
+    from hqsam.pipeline.read_refined import read_parts
 
     columns = ["image_id", "image_uri", "annotation_id", "category_id", "segmentation", "score", "status"]
     if source.uri.lower().endswith(".parquet"):

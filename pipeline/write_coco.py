@@ -8,7 +8,7 @@ import uuid
 import orjson
 
 from hqsam.hqsam_core import storage
-from hqsam.pipeline.write_parquet import read_parts
+from hqsam.pipeline.read_refined import read_parts
 
 RESULT_COLUMNS = [
     "image_id",

@@ -14,9 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hqsam.hqsam_core import storage
+from hqsam.pipeline.read_refined import PART_PREFIX
 from hqsam.schemas.refined import REFINED_ANNOTATION
-
-PART_PREFIX = "part-"
 
 
 class WriteParquetParts:
@@ -65,27 +64,6 @@ def write_atomically(uri: str, table: pa.Table) -> None:
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="zstd")
     storage.write_bytes(uri, buffer.getvalue())
-
-
-def part_files(out: str) -> list[str]:
-    """URIs of the complete part files in OUT."""
-    fs, path = storage.url_to_fs(out)
-    if not fs.exists(path):
-        return []
-    names = fs.glob(f"{path.rstrip('/')}/{PART_PREFIX}*.parquet")
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return sorted(name if storage.is_local(fs) else f"{protocol}://{name}" for name in names)
-
-
-def read_parts(out: str, columns: list[str]) -> pa.Table:
-    """The given columns of every part file in OUT, as one table."""
-    tables = []
-    for uri in part_files(out):
-        fs, path = storage.url_to_fs(uri)
-        tables.append(pq.read_table(path, columns=columns, filesystem=fs))
-    if not tables:
-        return REFINED_ANNOTATION.empty_table().select(columns)
-    return pa.concat_tables(tables)
 
 
 def _int_or_none(value) -> int | None:
