@@ -80,6 +80,22 @@ COCO_CATEGORIES = [
 # ----------------------------------------------------------------------------- generating the file
 
 
+HEAD = {  # the file's info and licenses, as COCO's
+    "info": {
+        "description": "hqsam benchmark: COCO-train-sized synthetic instances",
+        "url": "https://example.invalid/hqsam",
+        "version": "1.0",
+        "year": 2017,
+        "contributor": "benchmarks/manifest.py",
+        "date_created": "2017/09/01",
+    },
+    "licenses": [
+        {"url": f"http://creativecommons.org/licenses/{i}/2.0/", "id": i, "name": f"License {i}"}
+        for i in range(1, 9)
+    ],
+}
+
+
 def generate(path: Path, *, images: int, annotations: int, seed: int, chunk: int = 20_000) -> dict:
     """Write a COCO-like instances file to `path`, streaming; returns its vital statistics."""
     rng = np.random.default_rng(seed)
@@ -95,36 +111,10 @@ def generate(path: Path, *, images: int, annotations: int, seed: int, chunk: int
     category_of = categories[rng.integers(0, len(categories), size=annotations)]
 
     with open(path, "wb") as out:
-        head = {
-            "info": {
-                "description": "hqsam benchmark: COCO-train-sized synthetic instances",
-                "url": "https://example.invalid/hqsam",
-                "version": "1.0",
-                "year": 2017,
-                "contributor": "benchmarks/manifest.py",
-                "date_created": "2017/09/01",
-            },
-            "licenses": [
-                {"url": f"http://creativecommons.org/licenses/{i}/2.0/", "id": i, "name": f"License {i}"}
-                for i in range(1, 9)
-            ],
-        }
-        out.write(orjson.dumps(head)[:-1] + b',"images":[')
+        out.write(orjson.dumps(HEAD)[:-1] + b',"images":[')
         for start in range(0, images, chunk):
             stop = min(start + chunk, images)
-            records = [
-                {
-                    "license": int(1 + image_ids[i] % 8),
-                    "file_name": f"{image_ids[i]:012d}.jpg",
-                    "coco_url": f"http://images.cocodataset.org/train2017/{image_ids[i]:012d}.jpg",
-                    "height": int(heights[i]),
-                    "width": int(widths[i]),
-                    "date_captured": "2013-11-14 11:18:45",
-                    "flickr_url": f"http://farm4.staticflickr.com/{i % 9000}/{image_ids[i]}_0a1b2c3d4e_z.jpg",
-                    "id": int(image_ids[i]),
-                }
-                for i in range(start, stop)
-            ]
+            records = [_image_record(i, int(image_ids[i]), heights[i], widths[i]) for i in range(start, stop)]
             out.write((b"," if start else b"") + orjson.dumps(records)[1:-1])
         out.write(b'],"annotations":[')
         vertices = 0
@@ -149,6 +139,20 @@ def generate(path: Path, *, images: int, annotations: int, seed: int, chunk: int
         "crowd_annotations": int(crowd.sum()),
         "polygon_vertices_mean": vertices / max(1, annotations - int(crowd.sum())),
         "annotations_per_image_max": int(per_image.max()),
+    }
+
+
+def _image_record(i: int, image_id: int, height: int, width: int) -> dict:
+    """A COCO train2017-like image record."""
+    return {
+        "license": 1 + image_id % 8,
+        "file_name": f"{image_id:012d}.jpg",
+        "coco_url": f"http://images.cocodataset.org/train2017/{image_id:012d}.jpg",
+        "height": int(height),
+        "width": int(width),
+        "date_captured": "2013-11-14 11:18:45",
+        "flickr_url": f"http://farm4.staticflickr.com/{i % 9000}/{image_id}_0a1b2c3d4e_z.jpg",
+        "id": image_id,
     }
 
 
@@ -245,7 +249,7 @@ def measure(path: str) -> dict:
     t0 = time.perf_counter()
     import ray
 
-    from hqsam.pipeline.manifest import read_manifest
+    from hqsam.pipeline.manifest import annotation_count, read_manifest
     from hqsam.pipeline.refine_pipeline import RefineSettings, build_refine_dataset, source_blocks
 
     marks["import_s"] = time.perf_counter() - t0
@@ -283,7 +287,7 @@ def measure(path: str) -> dict:
     result = {
         **marks,
         "task_rows": manifest.tasks.num_rows,
-        "annotations_total": manifest.annotations_total,
+        "annotations_total": annotation_count(manifest.tasks),
         "task_table_bytes": manifest.tasks.nbytes,
         "dataset_blocks": len(source_blocks(manifest.tasks, settings.batch_size)),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,

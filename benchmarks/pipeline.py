@@ -6,10 +6,11 @@ and polygons per image, written under --workdir, a temp dir by default) go throu
   bare    one process, no Ray: read + hqsam_core.images.decode_image, BoxRefiner.refine on batches
           of --batch-size images, hqsam_core.masks.encode_rles of the masks. What the pipeline does,
           minus Ray (and minus the pipeline's extra columns and Parquet).
-  stages  one process, no Ray: the pipeline's own stage callables in sequence (read_image_bytes,
-          DecodeImages, RefineMasks, encode_masks, WriteParquetParts): the bare work plus the
-          pipeline's extra work (packbits, IoU/boundary IoU vs the input polygons, Parquet).
-  ray     jobs.refine.run_refine with a RefineConfig on a local Ray (ray.init(num_cpus=2)), CPU,
+  stages  one process, no Ray: the pipeline's own chain (refine_pipeline.refine_stages: ReadImages,
+          DecodeImages, RefineMasks, EncodeMasks, WriteParquetParts) through pipeline.stage.run_local,
+          the same stages Ray runs: the bare work plus the pipeline's extra work (IoU/boundary IoU
+          vs the input polygons, Parquet).
+  ray     pipeline.refine_run.run_refine with a RefineConfig on a local Ray (ray.init(num_cpus=2)), CPU,
           RefineSettings.torch_threads = the bare loop's thread count, a random-weights vit_tiny
           checkpoint this script writes (build_hqsam + hqsam_core.random_weights.randomize_ + save_model).
 
@@ -167,58 +168,38 @@ def child_bare(spec: dict) -> dict:
 
 
 def child_stages(spec: dict) -> dict:
-    """The pipeline's stage callables in sequence, in this process, no Ray."""
-    from hqsam.pipeline.decode_images import DecodeImages
-    from hqsam.pipeline.encode_masks import encode_masks
+    """The pipeline's chain of stages through run_local, in this process, no Ray."""
     from hqsam.pipeline.manifest import read_manifest
-    from hqsam.pipeline.read_images import read_image_bytes
-    from hqsam.pipeline.refine_masks import RefineMasks
-    from hqsam.pipeline.write_parquet import WriteParquetParts
+    from hqsam.pipeline.refine_pipeline import RefineSettings, refine_stages
+    from hqsam.pipeline.stage import run_local
 
-    t = time.perf_counter()
-    refine = RefineMasks(VARIANT, spec["checkpoint"], None, "cpu", torch_threads=spec["threads"])
-    load_s = time.perf_counter() - t
-    decode = DecodeImages("bbox")
+    settings = RefineSettings(
+        VARIANT, spec["checkpoint"], None, "cpu", batch_size=spec["batch_size"], torch_threads=spec["threads"]
+    )
     out = tempfile.mkdtemp(prefix="hqsam-bench-stages-", dir=spec["workdir"])
-    write = WriteParquetParts(out, VARIANT)
+    stages = refine_stages(out, settings)
+    t = time.perf_counter()
+    for stage in stages:
+        stage.setup()  # the model load, timed apart (run_local's own setup calls find it built)
+    load_s = time.perf_counter() - t
 
     started, cpu = time.perf_counter(), time.process_time()
     rows = read_manifest(spec["annotations"]).tasks.to_pylist()
-    done, statuses = [], 0
-    for start in range(0, len(rows), spec["batch_size"]):
-        decoded = [decode(read_image_bytes(row)) for row in rows[start : start + spec["batch_size"]]]
-        refined = refine(_batch(decoded))
-        done.extend(encode_masks(row) for row in _rows(refined))
-    for start in range(0, len(done), 512):  # RefineSettings.images_per_file
-        statuses += sum(len(s) for s in write(_batch(done[start : start + 512]))["statuses"])
+    annotations = sum(len(row["statuses"]) for row in run_local(rows, stages))
     return {
         "seconds": time.perf_counter() - started,
         "cpu_s": time.process_time() - cpu,
         "model_load_s": load_s,
-        "annotations": statuses,
+        "annotations": annotations,
     }
-
-
-def _batch(rows: list[dict]) -> dict:
-    batch = {}
-    for key in rows[0]:
-        column = np.empty(len(rows), dtype=object)
-        column[:] = [row[key] for row in rows]
-        batch[key] = column
-    return batch
-
-
-def _rows(batch: dict) -> list[dict]:
-    count = len(batch["image_id"])
-    return [{key: values[i] for key, values in batch.items()} for i in range(count)]
 
 
 def child_ray(spec: dict) -> dict:
     """ray.init, then run_refine cold, warm, and on a 1-image crowd-only dataset (fixed costs)."""
     import ray
 
-    from hqsam.jobs.refine import RefineConfig, run_refine
     from hqsam.pipeline.refine_pipeline import RefineSettings
+    from hqsam.pipeline.refine_run import RefineConfig, run_refine
 
     settings = RefineSettings(
         VARIANT, spec["checkpoint"], None, "cpu", batch_size=spec["batch_size"], torch_threads=spec["threads"]
@@ -262,8 +243,8 @@ def child_memory(spec: dict) -> dict:
     """ray.init + run_refine over one dataset; the driver's peak and final RSS."""
     import ray
 
-    from hqsam.jobs.refine import RefineConfig, run_refine
     from hqsam.pipeline.refine_pipeline import RefineSettings
+    from hqsam.pipeline.refine_run import RefineConfig, run_refine
 
     settings = RefineSettings(
         VARIANT, spec["checkpoint"], None, "cpu", batch_size=spec["batch_size"], torch_threads=spec["threads"]
@@ -432,25 +413,26 @@ def main(argv: list[str] | None = None) -> dict:
                 runs[kind].append(run_child(kind, spec))
                 print(f"  {kind} run {repeat + 1}: {_brief(kind, runs[kind][-1])}", flush=True)
 
-        memory = []
-        for count in args.memory_images:
-            root = work / f"memory_{count}"
-            info = write_dataset(
-                root, count, size=(64, 48), refined_every=args.memory_refined_every, seed=args.seed
-            )
-            result = run_child("memory", {**spec, "annotations": str(root / "annotations.json")})
-            memory.append({"images": count, **info, **result})
-            print(
-                f"  memory {count} images: peak driver RSS {result['peak_driver_rss_bytes'] / 2**20:.0f} MiB, "
-                f"{result['seconds']:.0f} s",
-                flush=True,
-            )
+        memory = [_measure_memory(args, work, spec, count) for count in args.memory_images]
 
     result = summarize(args, data, runs, memory)
     result["benchmark_wall_s"] = time.perf_counter() - started
     print_table(result)
     write_result(args.json, result)
     return result
+
+
+def _measure_memory(args, work: Path, spec: dict, count: int) -> dict:
+    """run_refine over `count` tiny images in a fresh subprocess: the driver's memory."""
+    root = work / f"memory_{count}"
+    info = write_dataset(root, count, size=(64, 48), refined_every=args.memory_refined_every, seed=args.seed)
+    result = run_child("memory", {**spec, "annotations": str(root / "annotations.json")})
+    print(
+        f"  memory {count} images: peak driver RSS {result['peak_driver_rss_bytes'] / 2**20:.0f} MiB, "
+        f"{result['seconds']:.0f} s",
+        flush=True,
+    )
+    return {"images": count, **info, **result}
 
 
 def _brief(kind: str, r: dict) -> str:
@@ -489,7 +471,7 @@ def summarize(args, data: dict, runs: dict, memory: list) -> dict:
     }
     peaks = {m["images"]: m["peak_driver_rss_bytes"] for m in memory}
     return {
-        "benchmark": "jobs.refine.run_refine (Ray Data) vs a bare BoxRefiner loop, CPU, vit_tiny random weights",
+        "benchmark": "pipeline.refine_run.run_refine (Ray Data) vs a bare BoxRefiner loop, CPU, vit_tiny random weights",
         "machine": machine(),
         "versions": _versions(),
         "params": {

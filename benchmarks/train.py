@@ -1,6 +1,6 @@
 """Benchmark: HQ-head training throughput per worker (samples/s) and peak memory.
 
-What one Ray Train worker does per step, in one process: `jobs.train.train_step` (frozen encoder
+What one Ray Train worker does per step, in one process: `hqsam_core.training.train_step` (frozen encoder
 without gradients, HQ-only logits, point-sampled BCE + dice, Adam step) on samples that went
 through the official per-sample recipe (flip + large-scale jitter to 1024, one random prompt).
 The recipe's CPU cost (`augment`, done in Ray Data's prefetch threads during training) is timed
@@ -34,8 +34,13 @@ from benchmarks.common import write_result  # noqa: E402
 from hqsam.hqsam_core import build_hqsam  # noqa: E402
 from hqsam.hqsam_core.allocator import retain_freed_memory  # noqa: E402
 from hqsam.hqsam_core.testing.thin_structures import generate_thin_structures  # noqa: E402
-from hqsam.hqsam_core.training import HQTrainingModule, freeze_sam_  # noqa: E402
-from hqsam.jobs.train import augment, make_optimizer, train_step  # noqa: E402
+from hqsam.hqsam_core.training import (  # noqa: E402
+    HQTrainingModule,
+    augment,
+    freeze_sam_,
+    make_optimizer,
+    train_step,
+)
 
 OFFICIAL_SAMPLES_PER_GPU_S = 44_320 * 12 / (4 * 3600) / 8
 
@@ -105,7 +110,7 @@ def measure(
     return result
 
 
-def main() -> None:
+def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -122,15 +127,14 @@ def main() -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args()
-    cuda = args.device.startswith("cuda")
-    if cuda and not torch.cuda.is_available():
-        raise SystemExit("--device cuda but no GPU is available")
+    return parser.parse_args()
+
+
+def measure_all(args: argparse.Namespace, cuda: bool) -> list[dict]:
+    """`measure` for every thread count, model, precision and batch size asked, printed as it goes."""
     models = args.models or (["vit_b", "vit_l"] if cuda else ["vit_tiny"])
     precisions = args.precisions or (["fp32", "bf16"] if cuda else ["fp32"])
     default_threads = torch.get_num_threads()
-    retained = not cuda and retain_freed_memory()  # as `hqsam train` CPU workers do
-    load_before = os.getloadavg()
     runs = []
     for threads in args.threads:
         torch.set_num_threads(threads or default_threads)
@@ -142,20 +146,35 @@ def main() -> None:
                     )
                     run["threads"] = torch.get_num_threads()
                     runs.append(run)
-                    memory = (
-                        f"peak GPU {run['peak_gpu_mib']:.0f} MiB, {run['vs_official_per_gpu']}x official"
-                        if cuda
-                        else f"peak RSS {run['peak_rss_mib']:.0f} MiB"
-                    )
-                    print(
-                        f"{model_name:8s} {precision:4s} batch {batch_size} threads {run['threads']}: "
-                        f"{run['samples_per_s_per_worker']:.3f} samples/s/worker (step {run['step_s_median']:.3f} s, "
-                        f"{run['step_cpu_s_per_sample']:.2f} CPU s/sample, augment "
-                        f"{run['augment_s_per_sample']:.3f} s/sample), {memory}",
-                        flush=True,
-                    )
+                    print_run(run, cuda)
+    return runs
+
+
+def print_run(run: dict, cuda: bool) -> None:
+    memory = (
+        f"peak GPU {run['peak_gpu_mib']:.0f} MiB, {run['vs_official_per_gpu']}x official"
+        if cuda
+        else f"peak RSS {run['peak_rss_mib']:.0f} MiB"
+    )
+    print(
+        f"{run['model']:8s} {run['precision']:4s} batch {run['batch_size']} threads {run['threads']}: "
+        f"{run['samples_per_s_per_worker']:.3f} samples/s/worker (step {run['step_s_median']:.3f} s, "
+        f"{run['step_cpu_s_per_sample']:.2f} CPU s/sample, augment "
+        f"{run['augment_s_per_sample']:.3f} s/sample), {memory}",
+        flush=True,
+    )
+
+
+def main() -> None:
+    args = parse_arguments()
+    cuda = args.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but no GPU is available")
+    retained = not cuda and retain_freed_memory()  # as `hqsam train` CPU workers do
+    load_before = os.getloadavg()
+    runs = measure_all(args, cuda)
     report = {
-        "benchmark": "HQ-head training step per worker (jobs.train.train_step), official recipe",
+        "benchmark": "HQ-head training step per worker (hqsam_core.training.train_step), official recipe",
         "device": args.device,
         "device_description": torch.cuda.get_device_name()
         if cuda

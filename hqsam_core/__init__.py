@@ -1,7 +1,7 @@
 """HQ-SAM core: the model, checkpoints, batched box refinement and mask maths (no Ray here).
 
-Names are imported on first use, so `import hqsam_core.variants` (e.g. for a CLI's --help) does not
-load torch.
+Names are imported on first use, so `import hqsam.hqsam_core.variants` (e.g. for a CLI's --help)
+does not load torch.
 """
 
 from __future__ import annotations
@@ -27,5 +27,5 @@ __all__ = sorted(_EXPORTS)
 
 def __getattr__(name: str):
     if name not in _EXPORTS:
-        raise AttributeError(f"module 'hqsam_core' has no attribute {name!r}")
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     return getattr(importlib.import_module(_EXPORTS[name]), name)

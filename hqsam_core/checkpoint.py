@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import os
-import uuid
 
-import fsspec
 import torch
-from fsspec.implementations.local import LocalFileSystem
 from torch import nn
 
+from hqsam.hqsam_core import storage
 from hqsam.hqsam_core.errors import HqsamError
 from hqsam.hqsam_core.mask_decoder_hq import HQ_MODULES
 from hqsam.hqsam_core.zoo import fetch_checkpoint
@@ -155,18 +152,7 @@ def save_hq_head(model: nn.Module, uri: str) -> None:
 
 
 def _save(state: StateDict, uri: str) -> None:
-    buffer = io.BytesIO()
-    torch.save({key: value.detach().cpu().contiguous() for key, value in state.items()}, buffer)
-    fs, path = fsspec.core.url_to_fs(uri)
-    parent = os.path.dirname(path)
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    if isinstance(fs, LocalFileSystem):
-        # rename makes the file appear whole; object stores commit a PUT atomically already
-        temp = f"{path}.{uuid.uuid4().hex}.tmp"
-        with fs.open(temp, "wb") as handle:
-            handle.write(buffer.getvalue())
-        os.replace(temp, path)
-    else:
-        with fs.open(path, "wb") as handle:
-            handle.write(buffer.getvalue())
+    """Write `state` so that `uri` holds the whole file or its previous content, never half of it."""
+    tensors = {key: value.detach().cpu().contiguous() for key, value in state.items()}
+    with storage.atomic_writer(uri) as handle:
+        torch.save(tensors, handle)

@@ -59,7 +59,7 @@ def coco_ap(coco_data: dict, predictions: list[dict]) -> dict[str, float]:
 class BoundaryCOCOeval(COCOeval):
     """COCOeval whose pair score is min(mask IoU, Boundary IoU) for non-crowd GTs (Boundary AP)."""
 
-    def computeIoU(self, imgId, catId):  # noqa: N802, N803 (COCOeval's names)
+    def computeIoU(self, imgId, catId):  # COCOeval's names
         ious = super().computeIoU(imgId, catId)
         if len(ious) == 0:
             return ious
@@ -85,7 +85,3 @@ class BoundaryCOCOeval(COCOeval):
             boundary = boundary_iou_batch(np.broadcast_to(dt_mask, pairs.shape), pairs)
             ious[i, columns] = np.minimum(ious[i, columns], boundary)
         return ious
-
-
-# ---------------------------------------------------------------------------------------------
-# The command

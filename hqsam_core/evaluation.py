@@ -40,7 +40,6 @@ from hqsam.hqsam_core.refiner import BoxRefiner, EncodedImages
 
 RESIZE_MODES = ("longest", "square")
 SAM_KEYS = ("sam_iou", "sam_biou", "hq_iou", "hq_biou")
-ORIGINAL_KEYS = ("original_iou", "original_biou")
 
 
 @dataclass
@@ -109,7 +108,28 @@ def _squashed_box(gt: np.ndarray, size: int) -> np.ndarray | None:
     return tight_box_inclusive((resized > 128).numpy())
 
 
+@dataclass
+class BatchEvaluation:
+    """One evaluated batch: the per-sample scores, and the HQ masks and decoder scores behind them
+    (what COCO AP needs, without decoding again)."""
+
+    metrics: dict[str, list[float | None]]  # see evaluate_batch
+    hq_masks: list[np.ndarray]  # HxW bool at the GT's size, as scored
+    hq_scores: list[float]  # the decoder's predicted IoU of each HQ mask
+
+
 def evaluate_batch(
+    refiner_or_model: BoxRefiner | nn.Module,
+    images: list[np.ndarray],
+    gt_masks: list[np.ndarray],
+    originals: list[np.ndarray | None] | None = None,
+    **options,
+) -> dict[str, list[float | None]]:
+    """The per-sample scores of `evaluate_batch_with_masks` (same arguments and options)."""
+    return evaluate_batch_with_masks(refiner_or_model, images, gt_masks, originals, **options).metrics
+
+
+def evaluate_batch_with_masks(
     refiner_or_model: BoxRefiner | nn.Module,
     images: list[np.ndarray],
     gt_masks: list[np.ndarray],
@@ -117,18 +137,43 @@ def evaluate_batch(
     *,
     hq_token_only: bool = True,
     resize: str = "square",
-    hq_masks_out: list[np.ndarray] | None = None,
-) -> dict[str, list[float | None]]:
+) -> BatchEvaluation:
     """Score SAM's and HQ-SAM's masks (and optional original annotations) against one GT per image.
 
     `images`: HxWx3 uint8 RGB; `gt_masks` / `originals`: HxW masks of the same size (see `_as_mask`).
-    Returns per-sample lists {"sam_iou", "sam_biou", "hq_iou", "hq_biou"} and, when `originals` is
-    given, {"original_iou", "original_biou"} with None where a sample has no original. Given a model
-    (HQSam, or a DDP / HQTrainingModule wrapper of one), it runs in fp32 on the model's device with
-    its attention modules as they are, and restores the model's train/eval mode afterwards; pass a
-    BoxRefiner to choose precision and attention (e.g. bf16 on CUDA). `hq_masks_out`, when given, gets
-    the scored HQ masks (GT size) appended. See the module docstring for the protocol.
+    Metrics are per-sample lists {"sam_iou", "sam_biou", "hq_iou", "hq_biou"} and, when `originals`
+    is given, {"original_iou", "original_biou"} with None where a sample has no original. Given a
+    model (HQSam, or a DDP / HQTrainingModule wrapper of one), it runs in fp32 on the model's device
+    with its attention modules as they are, and restores the model's train/eval mode afterwards; pass
+    a BoxRefiner to choose precision and attention (e.g. bf16 on CUDA). See the module docstring for
+    the protocol.
     """
+    gts = _checked_inputs(images, gt_masks, originals, resize)
+    metrics: dict[str, list[float | None]] = {key: [] for key in SAM_KEYS}
+    hq_masks: list[np.ndarray] = []
+    hq_scores: list[float] = []
+    if images:
+        refiner, model, was_training = _as_refiner(refiner_or_model)
+        try:
+            sam_masks, hq_masks, hq_scores = _predict(refiner, images, gts, hq_token_only, resize)
+        finally:
+            if model is not None:
+                model.train(was_training)
+        for name, predictions in (("sam", sam_masks), ("hq", hq_masks)):
+            scores = score_masks(predictions, gts)
+            metrics[f"{name}_iou"] = [s.iou for s in scores]
+            metrics[f"{name}_biou"] = [s.boundary_iou for s in scores]
+    if originals is not None:
+        scores = [score_masks([o], [gt])[0] if o is not None else None for o, gt in zip(originals, gts)]
+        metrics["original_iou"] = [None if s is None else s.iou for s in scores]
+        metrics["original_biou"] = [None if s is None else s.boundary_iou for s in scores]
+    return BatchEvaluation(metrics, hq_masks, hq_scores)
+
+
+def _checked_inputs(
+    images: list[np.ndarray], gt_masks: list[np.ndarray], originals: list | None, resize: str
+) -> list[np.ndarray]:
+    """The GTs as bool masks, after checking that every argument fits the others."""
     if resize not in RESIZE_MODES:
         raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
     if len(images) != len(gt_masks) or (originals is not None and len(originals) != len(images)):
@@ -137,33 +182,13 @@ def evaluate_batch(
     for image, gt in zip(images, gts):
         if image.ndim != 3 or image.shape[:2] != gt.shape:
             raise ValueError(f"image of shape {image.shape} for a GT mask of shape {gt.shape}")
-    results: dict[str, list[float | None]] = {key: [] for key in SAM_KEYS}
-    if images:
-        refiner, model, was_training = _as_refiner(refiner_or_model)
-        try:
-            sam_masks, hq_masks = _predict(refiner, images, gts, hq_token_only, resize)
-        finally:
-            if model is not None:
-                model.train(was_training)
-        if hq_masks_out is not None:
-            hq_masks_out.extend(hq_masks)
-        for name, predictions in (("sam", sam_masks), ("hq", hq_masks)):
-            scores = score_masks(predictions, gts)
-            results[f"{name}_iou"] = [s.iou for s in scores]
-            results[f"{name}_biou"] = [s.boundary_iou for s in scores]
-    if originals is not None:
-        results["original_iou"], results["original_biou"] = [], []
-        for original, gt in zip(originals, gts):
-            score = score_masks([original], [gt])[0] if original is not None else None
-            results["original_iou"].append(None if score is None else score.iou)
-            results["original_biou"].append(None if score is None else score.boundary_iou)
-    return results
+    return gts
 
 
 def _predict(
     refiner: BoxRefiner, images: list[np.ndarray], gts: list[np.ndarray], hq_token_only: bool, resize: str
-) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """SAM and HQ masks at GT size for each image's GT box."""
+) -> tuple[list[np.ndarray], list[np.ndarray], list[float]]:
+    """SAM and HQ masks at GT size for each image's GT box, and the HQ masks' predicted IoU."""
     model, device = refiner.model, refiner.device
     size = model.image_encoder.img_size
     if resize == "square":
@@ -191,7 +216,7 @@ def _predict(
                 )
                 sam_masks.append((upsampled[0, 0] > model.mask_threshold).cpu().numpy())
                 hq_masks.append(hq[i].masks[0])
-    return sam_masks, hq_masks
+    return sam_masks, hq_masks, [float(refinement.scores[0]) for refinement in hq]
 
 
 @torch.inference_mode()

@@ -30,15 +30,46 @@ COMPILE_TARGETS = ("decoder", "all")
 
 @dataclass
 class Refinement:
-    """Results for one image's N boxes."""
+    """Results for one image's N boxes.
 
-    masks: np.ndarray  # (N, H, W) bool, at the image's size
+    Masks are kept bit-packed, in the form the pipeline writes them from (`np.packbits` of each
+    mask's H*W pixels in row-major order); `masks` unpacks them on demand.
+    """
+
+    packed_masks: np.ndarray  # (N, ceil(H*W/8)) uint8
+    height: int  # the image's size, which is each mask's
+    width: int
     logits: np.ndarray  # (N, 256, 256) float32 low-res logits
     scores: np.ndarray  # (N,) float32 predicted IoU
     # With crop_zoom: (N, 4) int64 XYXY crop window [x0, y0, x1, y1) each box was refined on, -1 for
     # boxes refined on the whole image. A zoomed box's logits are in its crop's frame. None when
     # refine was called without crop_zoom.
     crops: np.ndarray | None = None
+
+    @classmethod
+    def from_masks(
+        cls, masks: np.ndarray, logits: np.ndarray, scores: np.ndarray, crops: np.ndarray | None = None
+    ) -> Refinement:
+        """A Refinement of (N, H, W) bool masks."""
+        _, height, width = masks.shape
+        return cls(pack_masks(masks), height, width, logits, scores, crops)
+
+    @property
+    def masks(self) -> np.ndarray:
+        """(N, H, W) bool masks at the image's size, unpacked anew on each access."""
+        return unpack_masks(self.packed_masks, self.height, self.width)
+
+
+def pack_masks(masks: np.ndarray) -> np.ndarray:
+    """(N, H, W) bool -> (N, ceil(H*W/8)) uint8, `np.packbits` of each mask's pixels."""
+    n, height, width = masks.shape
+    return np.packbits(masks.reshape(n, height * width), axis=1)
+
+
+def unpack_masks(packed: np.ndarray, height: int, width: int) -> np.ndarray:
+    """`pack_masks` undone: (N, ceil(H*W/8)) uint8 -> (N, H, W) bool."""
+    bits = np.unpackbits(packed, axis=1, count=height * width)
+    return bits.view(bool).reshape(len(packed), height, width)
 
 
 @dataclass
@@ -230,38 +261,26 @@ class BoxRefiner:
         input_size: tuple[int, int],
         original_size: tuple[int, int],
     ) -> Refinement:
-        """Upsample one image's low-res logits to its size in fp32 and threshold, chunk by chunk."""
-        if self.device.type == "cuda":
-            masks = self._masks_on_device(logits, input_size, original_size)
+        """Upsample one image's low-res logits to its size in fp32 and threshold, chunk by chunk;
+        the masks leave the device bit-packed (numpy packs CPU masks faster than torch does)."""
+        height, width = original_size
+        masks = (
+            self.model.postprocess_masks(part.float()[:, None], input_size, original_size)[:, 0]
+            > self.model.mask_threshold
+            for part in logits.split(self.max_prompts)
+        )
+        if self.device.type == "cuda":  # only the bits cross to the host
+            packed = [packbits(part).cpu().numpy() for part in masks]
         else:
-            parts = [
-                self.model.postprocess_masks(part.float()[:, None], input_size, original_size)[:, 0]
-                > self.model.mask_threshold
-                for part in logits.split(self.max_prompts)
-            ]
-            masks = torch.cat(parts).cpu().numpy() if parts else np.zeros((0, *original_size), dtype=bool)
+            packed = [pack_masks(part.cpu().numpy()) for part in masks]
+        packed = np.concatenate(packed) if packed else np.zeros((0, -(-height * width // 8)), np.uint8)
         return Refinement(
-            masks=masks,
+            packed_masks=packed,
+            height=height,
+            width=width,
             logits=logits.float().cpu().numpy(),
             scores=scores.float().cpu().numpy(),
         )
-
-    def _masks_on_device(
-        self, logits: torch.Tensor, input_size: tuple[int, int], original_size: tuple[int, int]
-    ) -> np.ndarray:
-        """Upsample + threshold on the device; only bit-packed masks cross to the host."""
-        h, w = original_size
-        packed = [
-            packbits(
-                self.model.postprocess_masks(part.float()[:, None], input_size, original_size)[:, 0]
-                > self.model.mask_threshold
-            ).cpu()
-            for part in logits.split(self.max_prompts)
-        ]
-        if not packed:
-            return np.zeros((0, h, w), dtype=bool)
-        bits = np.unpackbits(torch.cat(packed).numpy(), axis=1, count=h * w)
-        return bits.view(bool).reshape(-1, h, w)
 
     def refine(
         self,
@@ -337,26 +356,43 @@ class BoxRefiner:
             for (i, k, w), result in zip(group, self._refine_whole(crops, crop_boxes, **options)):
                 zoomed[(i, k)] = (result, w)
 
-        results = []
-        for i, (image, image_boxes) in enumerate(zip(images, boxes)):
-            size = image.shape[:2]
-            n = len(image_boxes)
-            out = Refinement(
-                masks=np.zeros((n, *size), dtype=bool),
-                logits=np.zeros((n, 256, 256), dtype=np.float32),
-                scores=np.zeros((n,), dtype=np.float32),
-                crops=np.full((n, 4), -1, dtype=np.int64),
+        return [
+            _merge(
+                image.shape[:2], windows[i], whole[i], [zoomed.get((i, k)) for k in range(len(windows[i]))]
             )
-            rows = np.array([w is None for w in windows[i]], dtype=bool)
-            out.masks[rows] = whole[i].masks
-            out.logits[rows] = whole[i].logits
-            out.scores[rows] = whole[i].scores
-            for k in np.flatnonzero(~rows):
-                result, w = zoomed[(i, int(k))]
-                out.masks[k, w.y0 : w.y1, w.x0 : w.x1] = result.masks[0]
-                out.logits[k], out.scores[k], out.crops[k] = result.logits[0], result.scores[0], w.as_array()
-            results.append(out)
-        return results
+            for i, image in enumerate(images)
+        ]
+
+
+def _merge(
+    size: tuple[int, int],
+    windows: list[cz.CropWindow | None],
+    whole: Refinement,
+    zoomed: list[tuple[Refinement, cz.CropWindow] | None],
+) -> Refinement:
+    """One image's results in its boxes' order: those refined on the whole image as they are, the
+    zoomed ones with their crop's mask pasted back at the image's size."""
+    height, width = size
+    n = len(windows)
+    out = Refinement(
+        packed_masks=np.zeros((n, -(-height * width // 8)), np.uint8),
+        height=height,
+        width=width,
+        logits=np.zeros((n, 256, 256), dtype=np.float32),
+        scores=np.zeros((n,), dtype=np.float32),
+        crops=np.full((n, 4), -1, dtype=np.int64),
+    )
+    rows = np.array([w is None for w in windows], dtype=bool)
+    out.packed_masks[rows] = whole.packed_masks
+    out.logits[rows] = whole.logits
+    out.scores[rows] = whole.scores
+    for k in np.flatnonzero(~rows):
+        result, w = zoomed[k]
+        mask = np.zeros((1, height, width), dtype=bool)
+        mask[0, w.y0 : w.y1, w.x0 : w.x1] = result.masks[0]
+        out.packed_masks[k] = pack_masks(mask)[0]
+        out.logits[k], out.scores[k], out.crops[k] = result.logits[0], result.scores[0], w.as_array()
+    return out
 
 
 def packbits(masks: torch.Tensor) -> torch.Tensor:
@@ -418,8 +454,8 @@ def _batches(items: list, size: int) -> Iterator[list]:
 
 
 def _empty_refinement(size: tuple[int, int]) -> Refinement:
-    return Refinement(
-        masks=np.zeros((0, *size), dtype=bool),
+    return Refinement.from_masks(
+        np.zeros((0, *size), dtype=bool),
         logits=np.zeros((0, 256, 256), dtype=np.float32),
         scores=np.zeros((0,), dtype=np.float32),
     )

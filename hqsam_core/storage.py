@@ -9,6 +9,7 @@ URLs are redacted before anything logs or records them. S3 honours the standard 
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import os
 import posixpath
@@ -89,14 +90,22 @@ def read_bytes(uri: str) -> bytes:
 
 def list_files(uri: str, pattern: str = "*") -> list[str]:
     """URIs of the files directly in folder `uri` whose names match `pattern`, sorted; fresh from the
-    store every time (never a cached listing), [] when the folder does not exist."""
+    store every time (never a cached listing), [] when the folder does not exist. One listing
+    request per folder, not one per file."""
     fs, path = url_to_fs(uri)
     with contextlib.suppress(AttributeError):
         fs.invalidate_cache(path)
-    if not fs.exists(path):
+    try:
+        entries = fs.ls(path, detail=True)
+    except FileNotFoundError:
         return []
-    names = fs.glob(f"{path.rstrip('/')}/{pattern}")
-    return sorted(_uri(fs, name) for name in names if not fs.isdir(name))
+    names = (
+        entry["name"]
+        for entry in entries
+        if entry.get("type") != "directory"
+        and fnmatch.fnmatchcase(posixpath.basename(entry["name"]), pattern)
+    )
+    return sorted(_uri(fs, name) for name in names)
 
 
 def list_folder(uri: str) -> list[str]:

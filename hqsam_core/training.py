@@ -4,8 +4,10 @@ Per sample (REFERENCE section 3, SysCV/sam-hq train/train.py and train/utils):
   `large_scale_jitter` (horizontal flip + large-scale jitter to 1024) -> `sample_prompt` (one of tight
   box / 10 positive points / noisy mask, uniformly) -> `preprocess_batch` -> `hq_logits` (frozen SAM
   without gradients, HQ-only logits) -> `point_sampled_loss` (PointRend-style BCE + dice).
-`freeze_sam_` leaves `requires_grad` on the five HQ modules only; those are what the optimizer gets
-(Adam, lr 1e-3, no weight decay, StepLR x0.1 at epoch 10 in the official recipe).
+`freeze_sam_` leaves `requires_grad` on the five HQ modules only; those are what `make_optimizer` gets
+(Adam, lr 1e-3, no weight decay, StepLR x0.1 at epoch 10 in the official recipe). `augment` is the
+per-sample recipe and `train_step` one optimizer step, as every training worker runs them;
+`load_base` / `check_base` build or check the frozen base with its HQ head.
 
 Coordinate frame: every prompt is in the pixel frame of the 1024x1024 jittered image, pixel (x, y)
 being column x, row y, as the official trainer feeds them to SAM's prompt encoder.
@@ -17,6 +19,9 @@ calling `hq_logits` on a DDP-wrapped model: DDP synchronises gradients only thro
 from __future__ import annotations
 
 import contextlib
+import logging
+import zlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hqsam.hqsam_core.build import build_hqsam, check_checkpoint
 from hqsam.hqsam_core.hqsam import HQSam
 from hqsam.hqsam_core.mask_decoder_hq import HQ_MODULES
 from hqsam.hqsam_core.masks import tight_box_inclusive
@@ -411,3 +417,81 @@ class HQTrainingModule(nn.Module):
         self, images: torch.Tensor, prompts: list[Prompt], encoder_autocast: torch.dtype | None = None
     ) -> torch.Tensor:
         return hq_logits(self.model, images, prompts, encoder_autocast=encoder_autocast)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The recipe as a training worker runs it
+
+
+def sample_seed(seed: int, epoch: int, key: str) -> list[int]:
+    """Per-sample, per-epoch RNG seed: augmentation independent of order and thread."""
+    return [seed, epoch, zlib.crc32(key.encode())]
+
+
+def augment(
+    image: np.ndarray, mask: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, Prompt]:
+    """The official per-sample recipe: flip + large-scale jitter to 1024, then one random prompt."""
+    image, mask = large_scale_jitter(image, mask, rng)
+    return image, mask, sample_prompt(mask, rng)
+
+
+def train_step(
+    net: nn.Module,
+    sam: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    samples: Sequence[tuple[np.ndarray, np.ndarray, Prompt]],
+    *,
+    encoder_autocast: torch.dtype | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One optimizer step on (image 1024x1024x3 uint8, mask 1024x1024 bool, Prompt) samples.
+
+    `net` is `HQTrainingModule(sam)`, or that wrapped in DDP. Returns [loss, bce, dice] (detached).
+    """
+    images = preprocess_batch(sam, [s[0] for s in samples])
+    targets = torch.from_numpy(np.stack([s[1] for s in samples])[:, None]).to(images.device).float()
+    logits = net(images, [s[2] for s in samples], encoder_autocast)
+    bce, dice = point_sampled_loss(logits, targets, generator=generator)
+    loss = bce + dice
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return torch.stack([loss, bce, dice]).detach()
+
+
+def make_optimizer(
+    params: Sequence[torch.nn.Parameter], lr: float, lr_drop_epoch: int
+) -> tuple[torch.optim.Adam, torch.optim.lr_scheduler.StepLR]:
+    """Adam without weight decay, lr x0.1 after `lr_drop_epoch` epochs (scheduler stepped per epoch)."""
+    optimizer = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), weight_decay=0)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, lr_drop_epoch), gamma=0.1)
+    return optimizer, scheduler
+
+
+def load_base(model: str, checkpoint: str, hq_head: str | None, *, seed: int | None = None) -> HQSam:
+    """BASE with its HQ head (or `hq_head`, or a fresh head for a plain SAM BASE, seeded by `seed` so
+    that every worker starts from the same one)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    with _fresh_head_expected():
+        return build_hqsam(model, checkpoint, hq_head, allow_random_hq_head=True)
+
+
+def check_base(model: str, checkpoint: str, hq_head: str | None) -> None:
+    """Raise CheckpointError unless `load_base` would load these weights (allocates no model)."""
+    with _fresh_head_expected():
+        check_checkpoint(model, checkpoint, hq_head, allow_random_hq_head=True)
+
+
+@contextlib.contextmanager
+def _fresh_head_expected() -> Iterator[None]:
+    """build_hqsam warns that a plain SAM checkpoint leaves the HQ head random ("testing only"):
+    for training that head is the one to train, so the warning is not shown."""
+    build_log = logging.getLogger("hqsam.hqsam_core.build")
+    level = build_log.level
+    build_log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        build_log.setLevel(level)

@@ -17,14 +17,12 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
-import fsspec
 from tqdm import tqdm
 
+from hqsam.hqsam_core import storage
 from hqsam.hqsam_core.errors import HqsamError
-
-Variant = Literal["vit_b", "vit_l", "vit_h", "vit_tiny"]
+from hqsam.hqsam_core.variants import VariantName, default_checkpoint
 
 _HQ_SAM_BASE_URL = "https://huggingface.co/lkeab/hq-sam/resolve/main"
 _SAM_BASE_URL = "https://dl.fbaipublicfiles.com/segment_anything"
@@ -51,7 +49,7 @@ class ZooEntry:
     size: int
     url: str
     sha256_prefix: str | None
-    variant: Variant
+    variant: VariantName
     has_hq_head: bool
 
     def download_url(self) -> str:
@@ -60,14 +58,13 @@ class ZooEntry:
         return f"{mirror.rstrip('/')}/{self.filename}" if mirror else self.url
 
 
-def _hq_sam(variant: Variant, size: int) -> ZooEntry:
-    filename = f"sam_hq_{variant}.pth"
-    return ZooEntry(
-        f"sam_hq_{variant}", filename, size, f"{_HQ_SAM_BASE_URL}/{filename}", None, variant, True
-    )
+def _hq_sam(variant: VariantName, size: int) -> ZooEntry:
+    name = default_checkpoint(variant)
+    filename = f"{name}.pth"
+    return ZooEntry(name, filename, size, f"{_HQ_SAM_BASE_URL}/{filename}", None, variant, True)
 
 
-def _plain_sam(variant: Variant, filename: str, size: int) -> ZooEntry:
+def _plain_sam(variant: VariantName, filename: str, size: int) -> ZooEntry:
     # torch.hub convention: the hex suffix of the file name is the start of the file's sha256.
     sha256_prefix = filename.removesuffix(".pth").rsplit("_", 1)[1]
     url = f"{_SAM_BASE_URL}/{filename}"
@@ -181,7 +178,7 @@ def _fetch_fsspec(uri: str, progress: bool) -> Path:
     shown = _redact(uri)
     advice = "copy it elsewhere and pass --checkpoint PATH"
     try:
-        filesystem, remote_path = fsspec.core.url_to_fs(uri)
+        filesystem, remote_path = storage.url_to_fs(uri)
         remote_size = filesystem.size(remote_path)
     except Exception as err:  # each fsspec backend raises its own error types (botocore, gcsfs, ...)
         raise CheckpointSourceError(f"Could not read {shown} ({_reason(err)}); {advice}.") from err
@@ -191,29 +188,32 @@ def _fetch_fsspec(uri: str, progress: bool) -> Path:
     with _exclusive_lock(dest):
         if _is_complete(dest, remote_size):
             return dest
-        part = _part_path(dest)
         _log.info("Copying %s to %s", shown, dest)
         try:
-            with (
-                filesystem.open(remote_path, "rb") as source,
-                open(part, "wb") as out,
-                _progress_bar(dest.name, remote_size, 0, progress) as bar,
-            ):
-                while chunk := source.read(_CHUNK_BYTES):
-                    out.write(chunk)
-                    bar.update(len(chunk))
+            # The copy appears at dest only whole and of the announced size (storage's atomic write).
+            with storage.atomic_writer(str(dest)) as out:
+                copied = _copy_stream(filesystem, remote_path, out, dest.name, remote_size, progress)
+                if remote_size is not None and copied != remote_size:
+                    raise CheckpointSourceError(
+                        f"Could not copy {shown} (got {copied} bytes, expected {remote_size}); "
+                        f"the partial file was discarded; {advice}."
+                    )
+        except CheckpointSourceError:
+            raise
         except Exception as err:  # see above: backend-specific error types
-            part.unlink(missing_ok=True)
             raise CheckpointSourceError(f"Could not copy {shown} ({_reason(err)}); {advice}.") from err
-        copied = part.stat().st_size
-        if remote_size is not None and copied != remote_size:
-            part.unlink()
-            raise CheckpointSourceError(
-                f"Could not copy {shown} (got {copied} bytes, expected {remote_size}); "
-                f"the partial file was discarded; {advice}."
-            )
-        os.replace(part, dest)
     return dest
+
+
+def _copy_stream(filesystem, remote_path: str, out, label: str, size: int | None, progress: bool) -> int:
+    """Stream a remote object into `out` with a progress bar; the number of bytes copied."""
+    copied = 0
+    with filesystem.open(remote_path, "rb") as source, _progress_bar(label, size, 0, progress) as bar:
+        while chunk := source.read(_CHUNK_BYTES):
+            out.write(chunk)
+            copied += len(chunk)
+            bar.update(len(chunk))
+    return copied
 
 
 def _download(

@@ -5,8 +5,8 @@ from __future__ import annotations
 import typer
 
 from hqsam.jobs import evaluate, predict, preview, refine, train
+from hqsam.jobs.jobs_commands import jobs_app
 from hqsam.jobs.options import HqsamGroup
-from hqsam.jobs.submit import jobs_app
 
 app = typer.Typer(
     cls=HqsamGroup,

@@ -12,7 +12,7 @@ import typer
 from typer.core import TyperGroup
 
 from hqsam.hqsam_core.errors import HqsamError
-from hqsam.hqsam_core.variants import VARIANTS
+from hqsam.hqsam_core.variants import VARIANTS, default_checkpoint
 
 Variant = enum.Enum("Variant", {name: name for name in VARIANTS}, type=str)
 Variant.__doc__ = "A model variant (hqsam_core.variants.VARIANTS)."
@@ -60,7 +60,7 @@ PROGRESS_OPTION = typer.Option(True, "--progress/--no-progress", help="Show prog
 
 def checkpoint_or_default(checkpoint: str | None, model: Variant) -> str:
     """The --checkpoint given, or the official HQ-SAM zoo entry of the variant."""
-    return checkpoint or f"sam_hq_{model.value}"
+    return checkpoint or default_checkpoint(model.value)
 
 
 def device_or_default(device: Device | None) -> str:
@@ -79,10 +79,13 @@ def fail(message: str, code: int = 2) -> None:
 
 
 class HqsamGroup(TyperGroup):
-    """The `hqsam` command group: any HqsamError of any command ends as one line and its exit code."""
+    """The `hqsam` command group: an HqsamError or a bad option value of any command ends as one
+    `error:` line and its exit code."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except HqsamError as error:
             fail(str(error), error.exit_code)
+        except typer.BadParameter as error:  # a bad choice or value: one line too, not a usage box
+            fail(error.format_message())

@@ -1,4 +1,4 @@
-"""Stage 4 (CPU): refined masks -> COCO RLE, box, area and change against the input mask."""
+"""Stage (CPU): refined masks -> COCO RLE, box, area and change against the input mask."""
 
 from __future__ import annotations
 
@@ -7,45 +7,58 @@ import orjson
 
 from hqsam.hqsam_core.masks import encode_rles, rle_area, rle_bbox, segmentation_to_mask
 from hqsam.hqsam_core.metrics import boundary_iou_batch, mask_iou_batch
+from hqsam.hqsam_core.refiner import unpack_masks
+from hqsam.pipeline.stage import Row, Stage
+from hqsam.schemas.status import Status
 
 
-def encode_masks(row: dict) -> dict:
-    """Replace `packed_masks` with `rles` (str counts), `refined_bboxes`, `areas`, `ious`, `boundary_ious`."""
+class EncodeMasks(Stage):
+    """Unpacks each image's refined masks once and encodes them; compares them with the input masks."""
+
+    reads = ("height", "width", "segmentations", "statuses", "packed_masks")
+    adds = ("rle_counts", "refined_bboxes", "areas", "ious", "boundary_ious")
+    drops = ("packed_masks",)
+
+    def process(self, rows: list[Row]) -> list[Row]:
+        return [_encode(row) for row in rows]
+
+
+def _encode(row: Row) -> Row:
     packed = row.pop("packed_masks")
-    count = len(packed)
+    count = len(row["statuses"])
     row["rle_counts"] = [""] * count
     row["refined_bboxes"] = np.full((count, 4), np.nan)
     row["areas"] = np.full(count, -1, np.int64)
     row["ious"] = np.full(count, np.nan, np.float32)
     row["boundary_ious"] = np.full(count, np.nan, np.float32)
-    ok = [k for k in range(count) if row["statuses"][k] == "ok"]
+    ok = [k for k in range(count) if row["statuses"][k] == Status.OK]
     if not ok:
         return row
     # Only decoded images have a size here: a row without an image record carries NaN
     # (Ray's numpy batches turn a null int into NaN), which must not reach int().
     height, width = int(row["height"]), int(row["width"])
-    refined = np.stack([_unpack(packed[k], height, width) for k in ok])
+    refined = unpack_masks(np.asarray(packed, np.uint8), height, width)  # the ok annotations, in order
     for k, rle in zip(ok, encode_rles(refined)):
         row["rle_counts"][k] = rle["counts"]
         row["refined_bboxes"][k] = rle_bbox(rle)
         row["areas"][k] = rle_area(rle)
-    with_original = [(position, k) for position, k in enumerate(ok) if row["segmentations"][k]]
-    originals, compared = [], []
-    for position, k in with_original:
-        try:
-            originals.append(segmentation_to_mask(orjson.loads(row["segmentations"][k]), height, width))
-            compared.append((position, k))
-        except (ValueError, TypeError, orjson.JSONDecodeError):
-            pass  # an unreadable input mask leaves the comparison empty, not the refinement
-    if compared:
-        ours = refined[[position for position, _ in compared]]
-        theirs = np.stack(originals)
-        keys = [k for _, k in compared]
-        row["ious"][keys] = mask_iou_batch(ours, theirs)
-        row["boundary_ious"][keys] = boundary_iou_batch(ours, theirs)
+    _compare_with_originals(row, ok, refined, height, width)
     return row
 
 
-def _unpack(packed: bytes, height: int, width: int) -> np.ndarray:
-    bits = np.unpackbits(np.frombuffer(packed, np.uint8), count=height * width)
-    return bits.reshape(height, width).astype(bool)
+def _compare_with_originals(row: Row, ok: list[int], refined: np.ndarray, height: int, width: int) -> None:
+    """IoU and boundary IoU of each refined mask with the annotation's own mask, where it has one."""
+    positions, originals = [], []
+    for position, k in enumerate(ok):
+        if not row["segmentations"][k]:
+            continue
+        try:
+            originals.append(segmentation_to_mask(orjson.loads(row["segmentations"][k]), height, width))
+            positions.append(position)
+        except (ValueError, TypeError, orjson.JSONDecodeError):
+            pass  # an unreadable input mask leaves the comparison empty, not the refinement
+    if positions:
+        ours, theirs = refined[positions], np.stack(originals)
+        keys = [ok[position] for position in positions]
+        row["ious"][keys] = mask_iou_batch(ours, theirs)
+        row["boundary_ious"][keys] = boundary_iou_batch(ours, theirs)

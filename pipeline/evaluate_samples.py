@@ -6,30 +6,13 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 
-import numpy as np
-
-from hqsam.hqsam_core.evaluation import evaluate_batch, summarize
+from hqsam.hqsam_core.evaluation import BatchEvaluation, evaluate_batch_with_masks, summarize
 from hqsam.hqsam_core.masks import encode_rle
 from hqsam.hqsam_core.refiner import BoxRefiner
-from hqsam.pipeline.train_sources import SampleError, load_sample
+from hqsam.pipeline.load_samples import SampleError, load_sample
+from hqsam.schemas.train_rows import LoadedSample
 
 log = logging.getLogger(__name__)
-
-
-class RecordingRefiner(BoxRefiner):
-    """A BoxRefiner that keeps its last decode results per hq_token_only flag (for COCO AP: the
-    very masks and scores evaluate_batch scored, without decoding twice)."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.last: dict[bool, list] = {}
-
-    def decode(self, features, boxes, image_index, *, hq_token_only=False, multimask_output=False):
-        result = super().decode(
-            features, boxes, image_index, hq_token_only=hq_token_only, multimask_output=multimask_output
-        )
-        self.last[hq_token_only] = result
-        return result
 
 
 def evaluate_rows(
@@ -41,60 +24,59 @@ def evaluate_rows(
     resize: str = "square",
     predictions: list | None = None,
 ) -> tuple[dict[str, list], list[str], int]:
-    """Per-sample metrics of sample rows (evaluation.evaluate_batch), each sample's source, and how
-    many rows could not be loaded. With `predictions` (and a RecordingRefiner), each sample with
-    COCO ids adds {image_id, category_id, segmentation (RLE of the HQ mask), score, mask}."""
+    """Per-sample metrics of sample rows (evaluation.evaluate_batch_with_masks), each sample's source,
+    and how many rows could not be loaded. With `predictions`, the COCO detections of the scored HQ
+    masks (`coco_predictions`) are appended to it."""
     per_sample: dict[str, list] = defaultdict(list)
     sources: list[str] = []
     skipped = 0
     for start in range(0, len(rows), batch_size):
-        samples = []
-        for row in rows[start : start + batch_size]:
-            try:
-                samples.append(load_sample(row))
-            except SampleError as error:
-                log.warning("evaluation: skipping %s: %s", row.get("key"), error)
-                skipped += 1
+        batch = rows[start : start + batch_size]
+        samples = loadable_samples(batch)
+        skipped += len(batch) - len(samples)
         if not samples:
             continue
-        if isinstance(refiner, RecordingRefiner):
-            refiner.last = {}
-        hq_masks: list[np.ndarray] = []
-        result = evaluate_batch(
+        evaluation = evaluate_batch_with_masks(
             refiner,
             [s["image"] for s in samples],
             [s["mask"] for s in samples],
             [s["original"] for s in samples],  # always given: the keys stay aligned across batches
             hq_token_only=hq_token_only,
             resize=resize,
-            hq_masks_out=hq_masks,
         )
-        for key, values in result.items():
+        for key, values in evaluation.metrics.items():
             per_sample[key].extend(values)
         sources.extend(s["source"] for s in samples)
         if predictions is not None:
-            _collect(refiner, samples, hq_masks, hq_token_only, predictions)
+            predictions.extend(coco_predictions(samples, evaluation))
     return dict(per_sample), sources, skipped
 
 
-def _collect(
-    refiner: BoxRefiner, samples: list[dict], masks: list[np.ndarray], hq_token_only: bool, predictions: list
-) -> None:
-    decoded = getattr(refiner, "last", {}).get(hq_token_only)
-    if decoded is None or len(decoded) != len(samples):
-        raise RuntimeError("COCO AP needs a RecordingRefiner whose decode evaluate_batch called")
-    for sample, refinement, mask in zip(samples, decoded, masks):
-        if sample.get("image_id") is None or sample.get("annotation_id") is None:
-            continue
-        predictions.append(
-            {
-                "image_id": int(sample["image_id"]),
-                "category_id": int(sample["category_id"]) if sample.get("category_id") is not None else 1,
-                "segmentation": encode_rle(mask),
-                "score": float(refinement.scores[0]),
-                "annotation_id": int(sample["annotation_id"]),
-            }
-        )
+def loadable_samples(rows: list[dict]) -> list[LoadedSample]:
+    """`load_sample` of each row; a row that cannot be loaded is left out with a warning."""
+    samples = []
+    for row in rows:
+        try:
+            samples.append(load_sample(row))
+        except SampleError as error:
+            log.warning("evaluation: skipping %s: %s", row.get("key"), error)
+    return samples
+
+
+def coco_predictions(samples: list[LoadedSample], evaluation: BatchEvaluation) -> list[dict]:
+    """COCO detections {image_id, category_id, segmentation (RLE), score, annotation_id} of the HQ
+    masks `evaluation` scored, one per sample with COCO ids (category 1 when it has none)."""
+    return [
+        {
+            "image_id": int(sample["image_id"]),
+            "category_id": int(sample["category_id"]) if sample.get("category_id") is not None else 1,
+            "segmentation": encode_rle(mask),
+            "score": score,
+            "annotation_id": int(sample["annotation_id"]),
+        }
+        for sample, mask, score in zip(samples, evaluation.hq_masks, evaluation.hq_scores)
+        if sample.get("image_id") is not None and sample.get("annotation_id") is not None
+    ]
 
 
 def summarize_by_source(per_sample: dict[str, list], sources: list[str]) -> dict:

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from hqsam.hqsam_core import storage
 from hqsam.hqsam_core.errors import HqsamError
-from hqsam.schemas.manifest import IMAGE_TASK
+from hqsam.schemas.refine_rows import IMAGE_TASK
 
 
 class ManifestError(HqsamError, ValueError):
@@ -27,8 +27,7 @@ class ManifestError(HqsamError, ValueError):
 
 @dataclass
 class Manifest:
-    tasks: pa.Table  # schemas.manifest.IMAGE_TASK, one row per image with annotations
-    annotations_total: int
+    tasks: pa.Table  # schemas.refine_rows.IMAGE_TASK, one row per image with annotations
 
 
 def read_manifest(uri: str, images_root: str | None = None) -> Manifest:
@@ -42,9 +41,12 @@ def read_manifest(uri: str, images_root: str | None = None) -> Manifest:
         tasks = _tasks_from_parquet(pq.read_table(io.BytesIO(data)), root, uri)
     else:
         tasks = _tasks_from_coco(data, root, uri)
-    return Manifest(
-        tasks=tasks, annotations_total=pc.sum(pc.list_value_length(tasks["ann_ids"])).as_py() or 0
-    )
+    return Manifest(tasks=tasks)
+
+
+def annotation_count(tasks: pa.Table) -> int:
+    """How many annotations the task rows hold."""
+    return pc.sum(pc.list_value_length(tasks["ann_ids"])).as_py() or 0
 
 
 def _tasks_from_coco(data: bytes, root: str, uri: str) -> pa.Table:
@@ -77,14 +79,55 @@ def _gc_paused():
 def _group_by_image(images: list, annotations: list, root: str, uri: str) -> pa.Table:
     """One row per image id with annotations: images in file order, then ids without an image
     record in order of appearance; within a row, annotations in file order."""
-    row_of: dict = {}  # image id -> row, in the order rows are listed
-    records: list = []  # the image record of each row (the last one for a repeated id), or None
+    row_of, records = _image_rows(images)
+    rows, ids, category_ids, bboxes, iscrowd, segmentations = _flatten(annotations, row_of, records, uri)
+    del annotations
+    rows = np.asarray(rows, np.int64)
+    counts = np.bincount(rows, minlength=len(records))
+    order = np.argsort(rows, kind="stable")  # annotations grouped by row, in file order within one
+    kept = np.flatnonzero(counts).tolist()  # an image without annotations has nothing to refine
+    if not kept:
+        return pa.Table.from_pydict(_columns(), schema=IMAGE_TASK)
+    ends = np.cumsum(counts[kept])  # end of each kept row's annotations in `order`
+    image_ids, uris = (
+        list(row_of),
+        [None if r is None else storage.join(root, r["file_name"]) for r in records],
+    )
+    image_columns = [
+        pa.array([image_ids[i] for i in kept], pa.int64()),
+        pa.array([uris[i] for i in kept], pa.string()),
+        pa.array([None if records[i] is None else records[i].get("width") for i in kept], pa.int64()),
+        pa.array([None if records[i] is None else records[i].get("height") for i in kept], pa.int64()),
+    ]
+    annotation_columns = [
+        pa.array(ids, pa.int64()),
+        pa.array(category_ids, pa.int64()),
+        _boxes(bboxes),
+        pa.array([int(v or 0) for v in iscrowd], pa.int64()),
+        pa.array(segmentations, pa.string()),  # chunked when over 2 GiB of text
+    ]
+    text = np.cumsum(np.fromiter(map(len, segmentations), np.int64, len(segmentations))[order])
+    del segmentations
+    return _record_batches(image_columns, annotation_columns, order, ends, text)
+
+
+def _image_rows(images: list) -> tuple[dict, list]:
+    """Image id -> row (in the order rows are listed), and the image record of each row (the last
+    one for a repeated id)."""
+    row_of: dict = {}
+    records: list = []
     for image in images:
         row = row_of.setdefault(image["id"], len(records))
         if row == len(records):
             records.append(image)
         else:
             records[row] = image
+    return row_of, records
+
+
+def _flatten(annotations: list, row_of: dict, records: list, uri: str) -> tuple[list, ...]:
+    """Each annotation's row and fields, as parallel lists; an image id without a record gets a row
+    (its record None). Frees each parsed annotation as it goes."""
     rows, ids, category_ids, bboxes, iscrowd, segmentations = [], [], [], [], [], []
     dumps = orjson.dumps
     for position, annotation in enumerate(annotations):
@@ -102,37 +145,20 @@ def _group_by_image(images: list, annotations: list, root: str, uri: str) -> pa.
         # decode() also copies the text out of orjson's over-allocated (kilobytes) output buffer
         segmentations.append(dumps(segmentation).decode() if segmentation else "")
         annotations[position] = None  # free the parsed annotation (its polygons) as we go
-    del annotations
+    return rows, ids, category_ids, bboxes, iscrowd, segmentations
 
-    image_ids = list(row_of)
-    uris = [None if r is None else storage.join(root, r["file_name"]) for r in records]
-    rows = np.asarray(rows, np.int64)
-    counts = np.bincount(rows, minlength=len(records))
-    order = np.argsort(rows, kind="stable")  # annotations grouped by row, in file order within one
-    kept = np.flatnonzero(counts).tolist()  # an image without annotations has nothing to refine
-    if not kept:
-        return pa.Table.from_pydict(_columns(), schema=IMAGE_TASK)
-    ends = np.cumsum(counts[kept])  # end of each kept row's annotations in `order`
-    image_columns = [
-        pa.array([image_ids[i] for i in kept], pa.int64()),
-        pa.array([uris[i] for i in kept], pa.string()),
-        pa.array([None if records[i] is None else records[i].get("width") for i in kept], pa.int64()),
-        pa.array([None if records[i] is None else records[i].get("height") for i in kept], pa.int64()),
-    ]
-    annotation_columns = [
-        pa.array(ids, pa.int64()),
-        pa.array(category_ids, pa.int64()),
-        _boxes(bboxes),
-        pa.array([int(v or 0) for v in iscrowd], pa.int64()),
-        pa.array(segmentations, pa.string()),  # chunked when over 2 GiB of text
-    ]
-    # Rows go into record batches of under 1 GiB of segmentation text each, so that no
-    # list<string> column of a batch overflows its 32-bit offsets (one batch for COCO train).
-    text = np.cumsum(np.fromiter(map(len, segmentations), np.int64, len(segmentations))[order])
-    del segmentations
+
+def _record_batches(
+    image_columns: list, annotation_columns: list, order: np.ndarray, ends: np.ndarray, text: np.ndarray
+) -> pa.Table:
+    """The task table: kept row i holds annotations order[ends[i-1]:ends[i]]; `text` is the running
+    length of the segmentation text in that order.
+
+    Rows go into record batches of under 1 GiB of segmentation text each, so that no list<string>
+    column of a batch overflows its 32-bit offsets (one batch for COCO train)."""
     cuts = np.flatnonzero(np.diff(text[ends - 1] // 2**30)) + 1
     batches = []
-    for start, stop in zip([0, *cuts.tolist()], [*cuts.tolist(), len(kept)]):
+    for start, stop in zip([0, *cuts.tolist()], [*cuts.tolist(), len(ends)]):
         first = int(ends[start - 1]) if start else 0
         offsets = pa.array(np.concatenate([[0], ends[start:stop] - first]).astype(np.int32))
         take = pa.array(order[first : int(ends[stop - 1])])
@@ -166,7 +192,7 @@ def _tasks_from_parquet(table: pa.Table, root: str, uri: str) -> pa.Table:
     for row in table.to_pylist():
         uri = storage.join(root, row["image_uri"])
         annotations = row["annotations"] or []
-        _add_task(columns, row["image_id"], uri, row.get("width"), row.get("height"), annotations, _text)
+        _add_task(columns, row["image_id"], uri, row.get("width"), row.get("height"), annotations)
     return pa.Table.from_pydict(columns, schema=IMAGE_TASK)
 
 
@@ -174,7 +200,7 @@ def _columns() -> dict[str, list]:
     return {field.name: [] for field in IMAGE_TASK}
 
 
-def _add_task(columns, image_id, uri, width, height, annotations: list[dict], segmentation_text) -> None:
+def _add_task(columns, image_id, uri, width, height, annotations: list[dict]) -> None:
     if not annotations:
         return  # an image without annotations has nothing to refine and no row to write
     columns["image_id"].append(image_id)
@@ -185,7 +211,7 @@ def _add_task(columns, image_id, uri, width, height, annotations: list[dict], se
     columns["category_ids"].append([a.get("category_id") for a in annotations])
     columns["bboxes"].append([_box(a.get("bbox")) for a in annotations])
     columns["iscrowd"].append([int(a.get("iscrowd") or 0) for a in annotations])
-    columns["segmentations"].append([segmentation_text(a.get("segmentation")) for a in annotations])
+    columns["segmentations"].append([a.get("segmentation") or "" for a in annotations])
 
 
 def _box(value) -> list[float]:
@@ -195,11 +221,3 @@ def _box(value) -> list[float]:
         return [float(v) for v in value]
     except (TypeError, ValueError):
         return []
-
-
-def _json(segmentation) -> str:
-    return orjson.dumps(segmentation).decode() if segmentation else ""
-
-
-def _text(segmentation: str | None) -> str:
-    return segmentation or ""

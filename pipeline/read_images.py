@@ -1,23 +1,33 @@
-"""Stage 1 (IO): fetch each image's bytes from storage."""
+"""Stage (IO): fetch each image's bytes from storage."""
 
 from __future__ import annotations
 
 from hqsam.hqsam_core import storage
 from hqsam.hqsam_core.errors import one_line
+from hqsam.pipeline.stage import Row, Stage
+from hqsam.schemas.status import Status
 
 
-def read_image_bytes(row: dict) -> dict:
-    """Add `image_bytes`, `image_status` and `image_error`; a missing image marks the row image_missing."""
-    row["image_bytes"], row["image_status"], row["image_error"] = b"", "ok", ""
-    uri = row["image_uri"]
+class ReadImages(Stage):
+    """Adds the image's bytes; an image without a record or a file marks the row image_missing."""
+
+    reads = ("image_id", "image_uri")
+    adds = ("image_bytes", "image_status", "image_error")
+
+    def process(self, rows: list[Row]) -> list[Row]:
+        for row in rows:
+            row["image_bytes"], row["image_status"], row["image_error"] = _read(
+                row["image_id"], row["image_uri"]
+            )
+        return rows
+
+
+def _read(image_id: int, uri: str | None) -> tuple[bytes, Status, str]:
     if uri is None:
-        row["image_status"] = "image_missing"
-        row["image_error"] = f"no image record for image_id {row['image_id']}"
-        return row
+        return b"", Status.IMAGE_MISSING, f"no image record for image_id {image_id}"
     try:
-        row["image_bytes"] = storage.read_bytes(uri)
+        return storage.read_bytes(uri), Status.OK, ""
     except (FileNotFoundError, IsADirectoryError):
-        row["image_status"], row["image_error"] = "image_missing", f"no file at {uri}"
+        return b"", Status.IMAGE_MISSING, f"no file at {storage.redact(uri)}"
     except Exception as error:  # after retries: permissions, network; keep the row, report it
-        row["image_status"], row["image_error"] = "image_missing", f"cannot read {uri}: {one_line(error)}"
-    return row
+        return b"", Status.IMAGE_MISSING, f"cannot read {storage.redact(uri)}: {one_line(error)}"

@@ -1,92 +1,122 @@
-"""Stage 3 (GPU when present): refine every pending box with HQ-SAM, images batched with all their boxes."""
+"""Stage (GPU when present): refine every pending box with HQ-SAM, images batched with all their boxes."""
 
 from __future__ import annotations
 
-import numpy as np
-import torch
+import math
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
-from hqsam.hqsam_core import BoxRefiner, build_hqsam
-from hqsam.hqsam_core.allocator import retain_freed_memory
+import numpy as np
+
 from hqsam.hqsam_core.errors import one_line
+from hqsam.pipeline.stage import Row, Stage
 from hqsam.schemas.status import Status
 
+if TYPE_CHECKING:
+    from hqsam.hqsam_core.refiner import Refinement
+    from hqsam.pipeline.refine_pipeline import RefineSettings
 
-class RefineMasks:
-    """An actor holding one BoxRefiner; called on batches of decoded image rows (numpy format).
+# Host memory a refine actor needs (weights, activations); asking for it also keeps Ray from
+# fusing the IO and decode stages into the refine actor.
+ACTOR_MEMORY_GIB = {"vit_tiny": 2, "vit_b": 3, "vit_l": 5, "vit_h": 8}
 
-    Adds `packed_masks` (per annotation: np.packbits of the HxW mask, empty unless refined) and
-    `scores`; turns pending statuses into ok, or inference_failed with the error.
+NO_MASKS = np.zeros((0, 0), np.uint8)  # the packed masks of an image with no ok annotation
+
+
+class RefineMasks(Stage):
+    """Holds one BoxRefiner (an actor pool under Ray) and refines batches of decoded images.
+
+    Every pending annotation becomes ok, with its packed mask and score, or inference_failed with
+    the error; a batch that fails is retried image by image, so a bad image fails alone.
     """
 
-    def __init__(
-        self,
-        variant: str,
-        checkpoint: str,
-        hq_head: str | None,
-        device: str,
-        *,
-        max_prompts: int | None = None,
-        hq_token_only: bool = False,
-        torch_threads: int | None = None,
-        precision: str | None = None,
-        compile: bool = False,  # noqa: A002 - mirrors BoxRefiner's option
-        crop_zoom: float | None = None,
-    ) -> None:
-        if torch_threads:
-            torch.set_num_threads(torch_threads)
-        if not device.startswith("cuda"):
-            retain_freed_memory()
-        model = build_hqsam(variant, checkpoint, hq_head)
-        self.refiner = BoxRefiner(
-            model, device, max_prompts=max_prompts, precision=precision, compile=compile
-        )
-        self.crop_zoom = crop_zoom
-        self.hq_token_only = hq_token_only
+    reads = ("pixels", "prompts", "statuses", "errors")
+    adds = ("packed_masks", "scores")
+    drops = ("pixels", "prompts")
+    on_actor = True
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        count = len(batch["image_id"])
-        statuses = [list(s) for s in batch["statuses"]]
-        errors = [list(e) for e in batch["errors"]]
-        packed = [[b""] * len(s) for s in statuses]
-        scores = [[float("nan")] * len(s) for s in statuses]
-        work = [i for i in range(count) if Status.PENDING in statuses[i]]
-        for i, result in self._refine_isolating_failures(batch, statuses, work):
-            pending = [k for k, status in enumerate(statuses[i]) if status == Status.PENDING]
+    def __init__(self, settings: RefineSettings) -> None:
+        self.settings = settings
+        self.batch_size = settings.batch_size
+        self.refiner = None  # built by setup(), where the stage runs
+
+    def setup(self) -> None:
+        if self.refiner is not None:
+            return  # built already
+        import torch
+
+        from hqsam.hqsam_core import BoxRefiner, build_hqsam
+        from hqsam.hqsam_core.allocator import retain_freed_memory
+
+        settings = self.settings
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        if not settings.device.startswith("cuda"):
+            retain_freed_memory()
+        model = build_hqsam(settings.variant, settings.checkpoint, settings.hq_head)
+        self.refiner = BoxRefiner(
+            model,
+            settings.device,
+            max_prompts=settings.max_prompts,
+            precision=settings.precision,
+            compile=settings.compile,
+        )
+
+    def ray_options(self) -> dict[str, Any]:
+        import ray
+
+        settings = self.settings
+        return {
+            # One call at a time per actor (max_concurrency 1) either way; this runs it on the actor's
+            # main thread instead of a helper thread, where the same CPU refine took ~40% longer
+            # (2-core CPU, vit_tiny, measured with benchmarks/pipeline.py's data).
+            "compute": ray.data.ActorPoolStrategy(
+                min_size=settings.min_actors, max_size=settings.max_actors, enable_true_multi_threading=True
+            ),
+            "num_gpus": 1 if settings.device.startswith("cuda") else 0,
+            "memory": ACTOR_MEMORY_GIB[settings.variant] * 2**30,
+        }
+
+    def process(self, rows: list[Row]) -> list[Row]:
+        for row in rows:
+            row["statuses"], row["errors"] = list(row["statuses"]), list(row["errors"])
+            row["packed_masks"], row["scores"] = NO_MASKS, [math.nan] * len(row["statuses"])
+        work = [row for row in rows if Status.PENDING in row["statuses"]]
+        for row, result in self._refine_isolating_failures(work):
+            statuses, errors = row["statuses"], row["errors"]
+            pending = [k for k, status in enumerate(statuses) if status == Status.PENDING]
             if isinstance(result, Exception):
                 for k in pending:
-                    statuses[i][k], errors[i][k] = "inference_failed", one_line(result)
+                    statuses[k], errors[k] = Status.INFERENCE_FAILED, one_line(result)
                 continue
+            row["packed_masks"] = result.packed_masks  # one row per pending, now ok, annotation
             for position, k in enumerate(pending):
-                packed[i][k] = np.packbits(result.masks[position].reshape(-1)).tobytes()
-                scores[i][k] = float(result.scores[position])
-                statuses[i][k] = "ok"
-        out = {key: value for key, value in batch.items() if key not in ("pixels", "prompts")}
-        out["statuses"], out["errors"] = _objects(statuses), _objects(errors)
-        out["packed_masks"], out["scores"] = _objects(packed), _objects(scores)
-        return out
+                row["scores"][k] = float(result.scores[position])
+                statuses[k] = Status.OK
+        for row in rows:
+            del row["pixels"], row["prompts"]
+        return rows
 
-    def _refine_isolating_failures(self, batch, statuses, work):
-        """Refine the images in `work` together; if that fails, one by one, so a bad image fails alone."""
+    def _refine_isolating_failures(self, rows: list[Row]) -> Iterator[tuple[Row, Refinement | Exception]]:
+        """Refine `rows` together; if that fails, one by one, so a bad image fails alone."""
         try:
-            yield from zip(work, self._refine(batch, statuses, work))
+            yield from zip(rows, self._refine(rows))
         except Exception:
-            for i in work:
+            for row in rows:
                 try:
-                    (result,) = self._refine(batch, statuses, [i])
+                    (result,) = self._refine([row])
                 except Exception as error:
                     result = error
-                yield i, result
+                yield row, result
 
-    def _refine(self, batch, statuses, indexes):
-        images = [batch["pixels"][i] for i in indexes]
+    def _refine(self, rows: list[Row]) -> list[Refinement]:
         boxes = [
-            np.asarray(batch["prompts"][i], np.float32)[[s == Status.PENDING for s in statuses[i]]]
-            for i in indexes
+            np.asarray(row["prompts"], np.float32)[[s == Status.PENDING for s in row["statuses"]]]
+            for row in rows
         ]
-        return self.refiner.refine(images, boxes, hq_token_only=self.hq_token_only, crop_zoom=self.crop_zoom)
-
-
-def _objects(rows: list) -> np.ndarray:
-    array = np.empty(len(rows), dtype=object)
-    array[:] = rows
-    return array
+        return self.refiner.refine(
+            [row["pixels"] for row in rows],
+            boxes,
+            hq_token_only=self.settings.hq_token_only,
+            crop_zoom=self.settings.crop_zoom,
+        )

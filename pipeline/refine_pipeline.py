@@ -1,21 +1,19 @@
-"""The refinement dataflow: source -> read -> decode -> refine -> encode -> Parquet parts."""
+"""The refinement chain: source -> ReadImages -> DecodeImages -> RefineMasks -> EncodeMasks ->
+WriteParquetParts. The same list of stages runs under Ray Data (`build_refine_dataset`) and in
+one process (`pipeline.stage.run_local`: tests, benchmarks)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import pyarrow as pa
-import ray
 
 from hqsam.pipeline.decode_images import DecodeImages
-from hqsam.pipeline.encode_masks import encode_masks
-from hqsam.pipeline.read_images import read_image_bytes
+from hqsam.pipeline.encode_masks import EncodeMasks
+from hqsam.pipeline.read_images import ReadImages
 from hqsam.pipeline.refine_masks import RefineMasks
+from hqsam.pipeline.stage import Stage, apply_ray
 from hqsam.pipeline.write_parquet import WriteParquetParts
-
-# Host memory a refine actor needs (weights, activations); asking for it also keeps Ray from
-# fusing the IO and decode stages into the refine actor.
-ACTOR_MEMORY_GIB = {"vit_tiny": 2, "vit_b": 3, "vit_l": 5, "vit_h": 8}
 
 # ray.data.from_arrow puts each block from the driver and runs one metadata task per block: past a
 # few thousand blocks that start-up dominates (COCO train in 8-image blocks: ~14,700 of each).
@@ -41,44 +39,26 @@ class RefineSettings:
     images_per_file: int = 512
 
 
+def refine_stages(out: str, settings: RefineSettings) -> list[Stage]:
+    """The chain from IMAGE_TASK rows to part files in `out` (rows: schemas/refine_rows.py)."""
+    return [
+        ReadImages(),
+        DecodeImages(settings.box_source),
+        RefineMasks(settings),
+        EncodeMasks(),
+        WriteParquetParts(out, settings.variant, settings.images_per_file),
+    ]
+
+
 def source_blocks(tasks: pa.Table, batch_size: int) -> list[pa.Table]:
     """Small blocks (a few refine batches each) so work spreads over the actors, at most MAX_SOURCE_BLOCKS."""
     block_rows = max(batch_size, 8, -(-tasks.num_rows // MAX_SOURCE_BLOCKS))
     return [tasks.slice(start, block_rows) for start in range(0, tasks.num_rows, block_rows)] or [tasks]
 
 
-def build_refine_dataset(tasks: pa.Table, out: str, settings: RefineSettings) -> ray.data.Dataset:
-    """A lazy dataset whose rows are (image_id, statuses) for each image written to OUT."""
-    return (
-        ray.data.from_arrow(source_blocks(tasks, settings.batch_size))
-        .map(read_image_bytes)
-        .map(DecodeImages(settings.box_source))
-        .map_batches(
-            RefineMasks,
-            fn_constructor_args=(settings.variant, settings.checkpoint, settings.hq_head, settings.device),
-            fn_constructor_kwargs={
-                "max_prompts": settings.max_prompts,
-                "hq_token_only": settings.hq_token_only,
-                "torch_threads": settings.torch_threads,
-                "precision": settings.precision,
-                "compile": settings.compile,
-                "crop_zoom": settings.crop_zoom,
-            },
-            batch_size=settings.batch_size,
-            batch_format="numpy",
-            # One call at a time per actor (max_concurrency 1) either way; this runs it on the actor's
-            # main thread instead of a helper thread, where the same CPU refine took ~40% longer
-            # (2-core CPU, vit_tiny, measured with benchmarks/pipeline.py's data).
-            compute=ray.data.ActorPoolStrategy(
-                min_size=settings.min_actors, max_size=settings.max_actors, enable_true_multi_threading=True
-            ),
-            num_gpus=1 if settings.device.startswith("cuda") else 0,
-            memory=ACTOR_MEMORY_GIB[settings.variant] * 2**30,
-        )
-        .map(encode_masks)
-        .map_batches(
-            WriteParquetParts(out, settings.variant),
-            batch_size=settings.images_per_file,
-            batch_format="numpy",
-        )
-    )
+def build_refine_dataset(tasks: pa.Table, out: str, settings: RefineSettings):
+    """A lazy Ray dataset whose rows are (image_id, statuses) for each image written to `out`."""
+    import ray
+
+    source = ray.data.from_arrow(source_blocks(tasks, settings.batch_size))
+    return apply_ray(source, refine_stages(out, settings))

@@ -112,6 +112,7 @@ def _batch_task(stage: Stage) -> Callable[[dict[str, np.ndarray]], dict[str, np.
             ready.append(True)
         return to_batch(stage.process(to_rows(batch)))
 
+    run.__name__ = stage.name
     return run
 
 
@@ -124,6 +125,7 @@ def _row_task(stage: Stage) -> Callable[[Row], list[Row]]:
             ready.append(True)
         return stage.process([row])
 
+    run.__name__ = stage.name  # how the operator is named in Ray's plan and progress
     return run
 
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import uuid
+from typing import IO
 
 import orjson
 
 from hqsam.hqsam_core import storage
 from hqsam.pipeline.read_refined import read_parts
+from hqsam.schemas.status import Status
 
 RESULT_COLUMNS = [
     "image_id",
@@ -30,42 +30,40 @@ def write_coco(annotations_uri: str, out: str, *, only_processed_images: bool = 
     object; failed ones keep their original segmentation. Unknown fields are kept.
     """
     results = read_parts(out, RESULT_COLUMNS).to_pydict()
-    position = {annotation_id: i for i, annotation_id in enumerate(results["annotation_id"])}
     coco = storage.read_json(annotations_uri)
     processed = set(results["image_id"]) if only_processed_images else None
-
     uri = f"{out.rstrip('/')}/annotations.json"
-    fs, path = storage.url_to_fs(uri)
-    target = (
-        f"{os.path.dirname(path)}/.annotations.json.{uuid.uuid4().hex}.tmp" if storage.is_local(fs) else path
-    )
-    with fs.open(target, "wb") as handle:
-        handle.write(b"{")
-        for key, value in coco.items():
-            if key == "annotations":
-                continue
-            if key == "images" and processed is not None:
-                value = [image for image in value if image.get("id") in processed]
-            handle.write(orjson.dumps(key) + b":" + orjson.dumps(value) + b",")
-        handle.write(b'"annotations":[')
-        first = True
-        for annotation in coco.get("annotations") or []:
-            i = position.get(annotation.get("id"))
-            if i is None and processed is not None:
-                continue
-            if i is not None:
-                _apply(annotation, results, i)
-            handle.write((b"" if first else b",\n") + orjson.dumps(annotation))
-            first = False
-        handle.write(b"]}\n")
-    if storage.is_local(fs):
-        os.replace(target, path)
+    with storage.atomic_writer(uri) as handle:
+        _write(handle, coco, results, processed)
     return uri
+
+
+def _write(handle: IO[bytes], coco: dict, results: dict, processed: set | None) -> None:
+    """`coco` as JSON with the results applied; only the `processed` images when given."""
+    position = {annotation_id: i for i, annotation_id in enumerate(results["annotation_id"])}
+    handle.write(b"{")
+    for key, value in coco.items():
+        if key == "annotations":
+            continue
+        if key == "images" and processed is not None:
+            value = [image for image in value if image.get("id") in processed]
+        handle.write(orjson.dumps(key) + b":" + orjson.dumps(value) + b",")
+    handle.write(b'"annotations":[')
+    first = True
+    for annotation in coco.get("annotations") or []:
+        i = position.get(annotation.get("id"))
+        if i is None and processed is not None:
+            continue
+        if i is not None:
+            _apply(annotation, results, i)
+        handle.write((b"" if first else b",\n") + orjson.dumps(annotation))
+        first = False
+    handle.write(b"]}\n")
 
 
 def _apply(annotation: dict, results: dict, i: int) -> None:
     status = results["status"][i]
-    if status == "ok":
+    if status == Status.OK:
         annotation["segmentation"] = results["segmentation"][i]
         annotation["area"] = results["area"][i]
         annotation["bbox"] = results["bbox"][i]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -15,48 +16,59 @@ import pyarrow.parquet as pq
 
 from hqsam.hqsam_core import storage
 from hqsam.pipeline.read_refined import PART_PREFIX
+from hqsam.pipeline.stage import Row, Stage
+from hqsam.schemas.refine_rows import IMAGE_ENCODED, IMAGE_WRITTEN
 from hqsam.schemas.refined import REFINED_ANNOTATION
+from hqsam.schemas.status import Status
 
 
-class WriteParquetParts:
-    """Writes each batch of encoded image rows as OUT/part-<hash>.parquet; returns per-image statuses."""
+class WriteParquetParts(Stage):
+    """Writes each batch of encoded images as OUT/part-<hash>.parquet; passes on per-image statuses."""
 
-    def __init__(self, out: str, model: str) -> None:
+    reads = ("image_id", "image_uri", "height", "width", "ann_ids", "category_ids", "statuses", "errors")
+    reads += ("scores", "rle_counts", "refined_bboxes", "areas", "ious", "boundary_ious")
+    # The sink keeps only what progress needs; everything else is in the part file now.
+    drops = tuple(name for name in IMAGE_ENCODED.names if name not in IMAGE_WRITTEN.names)
+
+    def __init__(self, out: str, model: str, images_per_file: int = 512) -> None:
         self.out = out.rstrip("/")
         self.model = model
+        self.batch_size = images_per_file
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        table = pa.Table.from_pylist(list(self._rows(batch)), schema=REFINED_ANNOTATION)
+    def process(self, rows: list[Row]) -> list[Row]:
+        table = pa.Table.from_pylist(list(self._annotation_rows(rows)), schema=REFINED_ANNOTATION)
         # Named after its images, not at random: Ray reruns a task whose worker died (max_retries=-1),
         # and the rerun must replace a part it had already written, not add a second copy of its rows.
-        name = hashlib.sha256(np.asarray(batch["image_id"], np.int64).tobytes()).hexdigest()[:32]
+        image_ids = np.asarray([row["image_id"] for row in rows], np.int64)
+        name = hashlib.sha256(image_ids.tobytes()).hexdigest()[:32]
         write_atomically(f"{self.out}/{PART_PREFIX}{name}.parquet", table)
-        statuses = np.empty(len(batch["image_id"]), dtype=object)
-        statuses[:] = [list(s) for s in batch["statuses"]]
-        return {"image_id": batch["image_id"], "statuses": statuses}
+        return [{"image_id": row["image_id"], "statuses": list(row["statuses"])} for row in rows]
 
-    def _rows(self, batch):
-        for i, image_id in enumerate(batch["image_id"]):
-            height, width = batch["height"][i], batch["width"][i]
-            for k, annotation_id in enumerate(batch["ann_ids"][i]):
-                ok = batch["statuses"][i][k] == "ok"
-                # Sizes only for ok rows: without an image record they are NaN (null ints in numpy).
-                rle = {"size": [int(height), int(width)], "counts": batch["rle_counts"][i][k]} if ok else None
-                yield {
-                    "image_id": int(image_id),
-                    "image_uri": batch["image_uri"][i],
-                    "annotation_id": int(annotation_id),
-                    "category_id": _int_or_none(batch["category_ids"][i][k]),
-                    "bbox": [float(v) for v in batch["refined_bboxes"][i][k]] if ok else None,
-                    "area": int(batch["areas"][i][k]) if ok else None,
-                    "segmentation": rle,
-                    "score": _float_or_none(batch["scores"][i][k]),
-                    "iou_vs_original": _float_or_none(batch["ious"][i][k]),
-                    "boundary_iou_vs_original": _float_or_none(batch["boundary_ious"][i][k]),
-                    "status": batch["statuses"][i][k],
-                    "error": batch["errors"][i][k] or None,
-                    "model": self.model,
-                }
+    def _annotation_rows(self, rows: list[Row]) -> Iterator[dict]:
+        for row in rows:
+            for k, annotation_id in enumerate(row["ann_ids"]):
+                yield self._annotation_row(row, k, annotation_id)
+
+    def _annotation_row(self, row: Row, k: int, annotation_id: int) -> dict:
+        status = row["statuses"][k]
+        ok = status == Status.OK
+        # Sizes only for ok rows: without an image record they are NaN (null ints in numpy).
+        size = [int(row["height"]), int(row["width"])] if ok else None
+        return {
+            "image_id": int(row["image_id"]),
+            "image_uri": row["image_uri"],
+            "annotation_id": int(annotation_id),
+            "category_id": _int_or_none(row["category_ids"][k]),
+            "bbox": [float(v) for v in row["refined_bboxes"][k]] if ok else None,
+            "area": int(row["areas"][k]) if ok else None,
+            "segmentation": {"size": size, "counts": row["rle_counts"][k]} if ok else None,
+            "score": _float_or_none(row["scores"][k]),
+            "iou_vs_original": _float_or_none(row["ious"][k]),
+            "boundary_iou_vs_original": _float_or_none(row["boundary_ious"][k]),
+            "status": str(status),
+            "error": row["errors"][k] or None,
+            "model": self.model,
+        }
 
 
 def write_atomically(uri: str, table: pa.Table) -> None:

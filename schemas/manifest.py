@@ -1,10 +1,14 @@
-"""Arrow schemas of what `hqsam refine` reads.
+"""Arrow schema of what `hqsam refine` reads: `PARQUET_MANIFEST`, the user-facing input alternative to a
+COCO file, one row per image.
 
-`PARQUET_MANIFEST` is the user-facing input alternative to a COCO file: one row per image.
-`IMAGE_TASK` is the per-image row that flows through the pipeline stages.
+Either input becomes `IMAGE_TASK` rows (declared with the other refine rows in schemas/refine_rows.py).
 """
 
 import pyarrow as pa
+
+from hqsam.schemas.refine_rows import IMAGE_TASK
+
+__all__ = ["IMAGE_TASK", "MANIFEST_ANNOTATION", "PARQUET_MANIFEST"]
 
 MANIFEST_ANNOTATION = pa.struct(
     [
@@ -23,19 +27,5 @@ PARQUET_MANIFEST = pa.schema(
         pa.field("width", pa.int64()),
         pa.field("height", pa.int64()),
         pa.field("annotations", pa.list_(MANIFEST_ANNOTATION)),
-    ]
-)
-
-IMAGE_TASK = pa.schema(
-    [
-        pa.field("image_id", pa.int64(), nullable=False),
-        pa.field("image_uri", pa.string()),  # null: no image record for these annotations
-        pa.field("width", pa.int64()),
-        pa.field("height", pa.int64()),
-        pa.field("ann_ids", pa.list_(pa.int64())),
-        pa.field("category_ids", pa.list_(pa.int64())),
-        pa.field("bboxes", pa.list_(pa.list_(pa.float64()))),
-        pa.field("iscrowd", pa.list_(pa.int64())),
-        pa.field("segmentations", pa.list_(pa.string())),  # JSON text, "" when absent
     ]
 )

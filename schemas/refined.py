@@ -2,16 +2,6 @@
 
 import pyarrow as pa
 
-STATUSES = (
-    "ok",
-    "image_missing",
-    "image_unreadable",
-    "image_size_mismatch",
-    "invalid_box",
-    "crowd_skipped",
-    "inference_failed",
-)
-
 RLE = pa.struct([pa.field("size", pa.list_(pa.int32())), pa.field("counts", pa.string())])
 
 REFINED_ANNOTATION = pa.schema(
@@ -26,7 +16,7 @@ REFINED_ANNOTATION = pa.schema(
         pa.field("score", pa.float32()),  # HQ-SAM's predicted IoU
         pa.field("iou_vs_original", pa.float32()),  # null when the input had no mask
         pa.field("boundary_iou_vs_original", pa.float32()),
-        pa.field("status", pa.string(), nullable=False),  # one of STATUSES
+        pa.field("status", pa.string(), nullable=False),  # one of schemas.status.FINAL_STATUSES
         pa.field("error", pa.string()),  # one line, null when ok
         pa.field("model", pa.string(), nullable=False),
     ]

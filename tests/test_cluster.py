@@ -15,8 +15,13 @@ from tests.conftest import ROOT
 ray = pytest.importorskip("ray")
 
 
-def project_version() -> str:
-    return re.search(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M).group(1)
+def project_field(name: str) -> str:
+    return re.search(rf'^{name} = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M).group(1)
+
+
+def pinned_project() -> str:
+    """The distribution at this release, as cluster files pin it (hqsam-refine==0.1.0)."""
+    return f"{project_field('name')}=={project_field('version')}"
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +62,7 @@ def test_cluster_yaml_shape(cluster):
     # The Ray image of the installed Ray, not the retired ray-ml images.
     assert cluster["docker"]["image"] == f"rayproject/ray:{ray.__version__}-py311-gpu"
     setup = " ".join(cluster["setup_commands"])
-    assert f'"hqsam=={project_version()}"' in setup
+    assert f'"{pinned_project()}"' in setup and pinned_project().startswith("hqsam-refine==")
 
 
 def test_kuberay_rayjob_has_the_documented_fields(rayjob):
@@ -67,7 +72,7 @@ def test_kuberay_rayjob_has_the_documented_fields(rayjob):
     assert "--out s3://" in spec["entrypoint"] and "--device cuda" in spec["entrypoint"]
     assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
     runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
-    assert f"hqsam=={project_version()}" in runtime_env["pip"]
+    assert pinned_project() in runtime_env["pip"] and pinned_project().startswith("hqsam-refine==")
 
     cluster = spec["rayClusterSpec"]
     assert cluster["rayVersion"] == ray.__version__

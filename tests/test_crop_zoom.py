@@ -110,7 +110,7 @@ def test_refine_plumbing_with_a_model_that_draws_its_boxes(monkeypatch) -> None:
     def fake_refine_whole(images, boxes, **options):
         calls.append(([image.copy() for image in images], [b.copy() for b in boxes]))
         return [
-            Refinement(
+            Refinement.from_masks(
                 masks=_draw(b, image.shape[:2]),
                 logits=np.full((len(b), 256, 256), len(calls), np.float32),
                 scores=np.full(len(b), image.shape[0] * 10000 + image.shape[1], np.float32),

@@ -16,6 +16,7 @@ from hqsam.hqsam_core.evaluation import (
     _squash,
     _squashed_box,
     evaluate_batch,
+    evaluate_batch_with_masks,
     sam_low_res_logits,
     score_masks,
     summarize,
@@ -108,6 +109,7 @@ def _plain_sam_decoder(model) -> MaskDecoder:
     return decoder.eval()
 
 
+@pytest.mark.slow
 def test_evaluate_batch_matches_independent_sam_and_hq_masks(tiny_model, monkeypatch):
     model = tiny_model
     real_encode, cache = model.encode, {}
@@ -189,3 +191,44 @@ def test_square_resize_with_combined_logits(tiny_model, monkeypatch):
         mask = (F.interpolate(logits, size=gt.shape, mode="bilinear", align_corners=False)[0] > 0).numpy()
         assert result[f"{name}_iou"] == [pytest.approx(mask_iou_batch(mask, gt[None])[0])], name
         assert result[f"{name}_biou"] == [pytest.approx(boundary_iou_batch(mask, gt[None])[0])], name
+
+
+def test_evaluate_batch_with_masks_returns_the_scored_hq_masks_and_scores(tiny_model, monkeypatch):
+    """What COCO AP needs comes back with the scores: the HQ masks that were scored and the decoder's
+    predicted IoU of each, as a direct decode of the same boxes gives it."""
+    model = tiny_model
+    refiner = BoxRefiner(model)
+    generator = torch.Generator().manual_seed(2)
+    fake = (
+        torch.randn(1, 256, 64, 64, generator=generator),
+        torch.randn(1, 32, 256, 256, generator=generator),
+    )
+    # The encoder is not under test (and slow on a CPU): fixed random features for every image.
+    monkeypatch.setattr(
+        model, "encode", lambda images: tuple(f.expand(len(images), -1, -1, -1) for f in fake)
+    )
+    rng = np.random.default_rng(3)
+    images = [
+        rng.integers(0, 256, (90, 150, 3), dtype=np.uint8),
+        rng.integers(0, 256, (60, 40, 3), dtype=np.uint8),
+    ]
+    gts = [_rect((90, 150), 30, 70, 40, 120), _rect((60, 40), 5, 50, 10, 30)]
+    evaluation = evaluate_batch_with_masks(refiner, images, gts, hq_token_only=True, resize="square")
+
+    assert set(evaluation.metrics) == {"sam_iou", "sam_biou", "hq_iou", "hq_biou"}
+    assert len(evaluation.hq_masks) == len(evaluation.hq_scores) == 2
+    for i, (mask, gt) in enumerate(zip(evaluation.hq_masks, gts)):
+        assert mask.shape == gt.shape and mask.dtype == bool
+        assert evaluation.metrics["hq_iou"][i] == pytest.approx(mask_iou_batch(mask[None], gt[None])[0])
+        assert evaluation.metrics["hq_biou"][i] == pytest.approx(boundary_iou_batch(mask[None], gt[None])[0])
+    features = refiner.encode([_squash(image, 1024) for image in images])
+    boxes = np.stack([_squashed_box(gt, 1024) for gt in gts])
+    decoded = refiner.decode(features, boxes, np.arange(2), hq_token_only=True)
+    assert evaluation.hq_scores == [pytest.approx(float(d.scores[0]), abs=1e-5) for d in decoded]
+    assert all(isinstance(score, float) for score in evaluation.hq_scores)
+
+    empty = evaluate_batch_with_masks(refiner, [], [], [])
+    assert empty.hq_masks == [] and empty.hq_scores == []
+    assert empty.metrics == {
+        key: [] for key in ("sam_iou", "sam_biou", "hq_iou", "hq_biou", "original_iou", "original_biou")
+    }

@@ -172,6 +172,7 @@ def test_shape_validation():
     assert boundary_iou_batch(np.zeros((0, 3, 4), bool), np.zeros((0, 3, 4), bool)).shape == (0,)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_boundary_iou_on_cuda_matches_cpu():
     a, b = _cases(31, 45, seed=11)

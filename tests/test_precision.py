@@ -77,6 +77,7 @@ def test_padded_prompt_chunks_equal_unpadded() -> None:
         assert (a.masks != b.masks).mean() <= 1e-5
 
 
+@pytest.mark.slow
 def test_bf16_on_cpu_runs_and_agrees_with_fp32(capsys) -> None:
     model = randomize_(small_vit_hqsam(seed=4), seed=4)
     images, boxes = _images_and_boxes(seed=1)

@@ -1,4 +1,5 @@
-"""`hqsam predict` through the real command line: files written, masks as the official predictor's."""
+"""`hqsam predict` through the real command line: files written, masks as the official predictor's;
+its box parsing, image reading and overlay on their own."""
 
 from __future__ import annotations
 
@@ -18,6 +19,14 @@ from typer.testing import CliRunner
 from hqsam.hqsam_core import build_hqsam, save_model
 from hqsam.hqsam_core.testing.random_weights import randomize_
 from hqsam.jobs.cli import app
+from hqsam.pipeline.predict_boxes import (
+    PALETTE,
+    InputError,
+    overlay_uri,
+    parse_box,
+    read_image,
+    render_overlay,
+)
 from tests.conftest import ROOT, shared_fixture
 
 EXAMPLE7_BOXES = [[45, 260, 515, 470], [310, 228, 424, 296]]
@@ -34,7 +43,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _predict(image: Path | str, boxes: list[str], out: Path, *extra: str):
+def _predict(image: Path | str, boxes: list[str], out: Path | str, *extra: str):
     args = ["predict", str(image), "--out", str(out), "--device", "cpu", *extra]
     for box in boxes:
         args += ["--box", box]
@@ -79,6 +88,7 @@ def _png(image: Image.Image) -> bytes:
 # --- the real entry point ------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_console_script_help() -> None:
     script = Path(sys.executable).with_name("hqsam")
     command = [str(script)] if script.exists() else [sys.executable, "-m", "hqsam.jobs.cli"]
@@ -102,6 +112,7 @@ def test_help() -> None:
 # --- real images -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_example7_masks_equal_official_predictor(tmp_path: Path, checkpoint: Path) -> None:
     segment_anything_hq = pytest.importorskip("segment_anything_hq")
     image_path = shared_fixture("hqsam-demo") / "example7.png"
@@ -139,6 +150,7 @@ def test_example7_masks_equal_official_predictor(tmp_path: Path, checkpoint: Pat
         assert np.count_nonzero(mask != expected) <= 1e-4 * mask.size
 
 
+@pytest.mark.slow
 def test_rgba_example6(tmp_path: Path, checkpoint: Path) -> None:
     image_path = shared_fixture("hqsam-demo") / "example6.png"
     with Image.open(image_path) as image:
@@ -153,6 +165,7 @@ def test_rgba_example6(tmp_path: Path, checkpoint: Path) -> None:
 # --- generated image modes -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_gray_and_16_bit_gray_give_the_same_mask(tmp_path: Path, checkpoint: Path) -> None:
     gray = _synthetic_rgb()[:, :, 0]
     (tmp_path / "gray.png").write_bytes(_png(Image.fromarray(gray, mode="L")))
@@ -169,6 +182,7 @@ def test_gray_and_16_bit_gray_give_the_same_mask(tmp_path: Path, checkpoint: Pat
     assert np.array_equal(masks[0], masks[1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["P", "CMYK"])
 def test_palette_png_and_cmyk_jpeg(tmp_path: Path, checkpoint: Path, mode: str) -> None:
     image = Image.fromarray(_synthetic_rgb()).convert(mode)
@@ -242,3 +256,73 @@ def test_missing_checkpoint_and_unknown_model(tmp_path: Path) -> None:
         _predict(image, [SYNTHETIC_BOX], tmp_path, "--checkpoint", str(missing)), "nope.pth"
     )
     _assert_one_line_error(_predict(image, [SYNTHETIC_BOX], tmp_path, "--model", "vit_x"), "vit_x")
+
+
+# --- the run's parts without the command line ----------------------------------------------------
+
+
+def test_parse_box() -> None:
+    assert parse_box("1,2.5,30,40") == [1.0, 2.5, 30.0, 40.0]
+    assert parse_box(" -5, 0 ,1e2,7") == [-5.0, 0.0, 100.0, 7.0]
+    for text, fragment in (
+        ("1,2,3", "four finite numbers"),
+        ("a,b,c,d", "four comma-separated numbers"),
+        ("nan,0,1,1", "four finite numbers"),
+        ("10,10,5,20", "no area"),
+        ("10,10,20,10", "no area"),
+    ):
+        with pytest.raises(InputError, match=fragment):
+            parse_box(text)
+
+
+def test_read_image_errors_name_the_file(tmp_path: Path) -> None:
+    good = tmp_path / "good.png"
+    good.write_bytes(_png(Image.fromarray(_synthetic_rgb())))
+    assert read_image(str(good)).shape == (120, 160, 3)
+    (tmp_path / "text.png").write_text("not an image")
+    for name in ("text.png", "missing.png"):
+        with pytest.raises(InputError, match=name) as caught:
+            read_image(str(tmp_path / name))
+        assert "\n" not in str(caught.value)
+
+
+def test_render_overlay_tints_masks_and_outlines_boxes() -> None:
+    image = np.full((100, 200, 3), 100, np.uint8)
+    masks = np.zeros((2, 100, 200), bool)
+    masks[0, 10:40, 10:60] = True
+    masks[1, 50:90, 100:190] = True
+    boxes = [[5.0, 5.0, 70.0, 45.0], [95.0, 45.0, 195.0, 95.0]]
+    overlay = np.asarray(render_overlay(image, masks, boxes))
+    assert overlay.shape == image.shape
+    for k, (y, x) in enumerate(((25, 35), (70, 150))):
+        expected = (0.45 * 100 + 0.55 * np.array(PALETTE[k])).astype(np.uint8)
+        assert tuple(overlay[y, x]) == tuple(expected)
+    assert tuple(overlay[25, 5]) == PALETTE[0] and tuple(overlay[70, 95]) == PALETTE[1]  # box edges
+    assert tuple(overlay[99, 0]) == (100, 100, 100)  # untouched
+
+
+def test_overlay_uri() -> None:
+    assert overlay_uri("/data/cat.photo.jpg", "out") == "out/cat.photo_overlay.png"
+    assert overlay_uri("s3://bucket/a/b.png", "s3://bucket/preds/") == "s3://bucket/preds/b_overlay.png"
+
+
+@pytest.mark.slow
+def test_reads_and_writes_s3(checkpoint: Path, s3_bucket: str) -> None:
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    fs.pipe(f"{s3_bucket}/in/image.png", _png(Image.fromarray(_synthetic_rgb())))
+    out = f"s3://{s3_bucket}/preds"
+    result = _predict(f"s3://{s3_bucket}/in/image.png", [SYNTHETIC_BOX], out, "--checkpoint", str(checkpoint))
+    _assert_ok(result)
+    assert (
+        f"-> {out}/image_mask0.png" in result.output
+        and f"overlay -> {out}/image_overlay.png" in result.output
+    )
+    fs.invalidate_cache()
+    assert sorted(p.rsplit("/", 1)[1] for p in fs.ls(f"{s3_bucket}/preds")) == [
+        "image_mask0.png",
+        "image_overlay.png",
+    ]
+    mask = np.asarray(Image.open(io.BytesIO(fs.cat(f"{s3_bucket}/preds/image_mask0.png"))))
+    assert mask.shape == (120, 160) and set(np.unique(mask).tolist()) <= {0, 255}

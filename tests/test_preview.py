@@ -1,7 +1,9 @@
-"""`hqsam preview` through the real command line on a refine output the test writes itself."""
+"""`hqsam preview` through the real command line on a refine output the test writes itself, and its
+row selection, image lookup and panel rendering on their own."""
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from html.parser import HTMLParser
@@ -10,12 +12,23 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 from typer.testing import CliRunner
 
 from hqsam.jobs.cli import app
-from hqsam.jobs.preview import BOX_COLOUR, ORIGINAL_COLOUR, REFINED_COLOUR, outline, select_rows
+from hqsam.pipeline.render_preview import (
+    BOX_COLOUR,
+    ORIGINAL_COLOUR,
+    REFINED_COLOUR,
+    Original,
+    image_candidates,
+    outline,
+    render_panel,
+    select_rows,
+    write_panels,
+)
 from hqsam.schemas.refined import REFINED_ANNOTATION
 
 GRAY = (90, 90, 90)
@@ -157,7 +170,7 @@ class IndexParser(HTMLParser):
         self.text.append(("SKIPPED:" if self._in_skipped else "") + data)
 
 
-def preview(out: Path, to: Path, *extra: str):
+def preview(out: Path, to: Path | str, *extra: str):
     result = CliRunner().invoke(app, ["preview", str(out), "--to", str(to), *extra])
     assert result.exit_code == 0, (result.output, result.stderr, result.exception)
     return result
@@ -313,3 +326,133 @@ def test_spread_selection_is_even() -> None:
     assert [r["annotation_id"] for r in select_rows(rows, 4, worst=False)] == [1, 4, 7, 10]
     assert [r["annotation_id"] for r in select_rows(rows, 3, worst=True)] == [1, 2, 3]
     assert [r["annotation_id"] for r in select_rows(rows, 20, worst=False)] == [*range(1, 11), 99]
+
+
+# --- panels and image lookup without the command line -----------------------------------------------
+
+
+def panel_row(height: int, width: int, refined, **values) -> dict:
+    return {
+        "image_id": 1,
+        "annotation_id": 5,
+        "category_id": 2,
+        "image_uri": "/data/imgs/a.png",
+        "score": 0.875,
+        "iou_vs_original": 0.5,
+        "boundary_iou_vs_original": None,
+        "segmentation": rle(rect(height, width, refined)),
+        **values,
+    }
+
+
+def decoded(png: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(png)) as image:
+        assert image.mode == "RGB"
+        return np.asarray(image)
+
+
+def test_render_panel_draws_both_outlines_the_box_and_a_caption() -> None:
+    image = np.full((100, 120, 3), GRAY, np.uint8)
+    original = Original(json.dumps(rle(rect(100, 120, (30, 70, 40, 90)))), [35, 25, 60, 50], None)
+    png, note = render_panel(panel_row(100, 120, (20, 80, 20, 100)), image, original)
+    assert note is None
+    pixels = decoded(png)
+    assert pixels.shape[0] > 100 and pixels.shape[1] >= 120  # the caption strip lies below the image
+    assert colour_at(pixels, 20, 60) == REFINED_COLOUR  # refined top border
+    assert colour_at(pixels, 79, 60) == REFINED_COLOUR  # refined bottom border (inner outline)
+    assert colour_at(pixels, 50, 40) == ORIGINAL_COLOUR  # original left border
+    assert colour_at(pixels, 50, 35) == BOX_COLOUR  # the input box's left edge (x 35)
+    assert colour_at(pixels, 50, 60) == GRAY and colour_at(pixels, 5, 5) == GRAY
+    caption = pixels[100:]
+    assert (caption == 255).all(axis=-1).any() and not (caption == GRAY).all(axis=-1).any()
+
+
+def test_render_panel_notes_what_it_could_not_draw() -> None:
+    image = np.full((40, 50, 3), GRAY, np.uint8)
+    row = panel_row(40, 50, (10, 30, 10, 40))
+    for original, expected in (
+        (Original("", [], None), "the input annotation has no mask"),
+        (Original("{not json", [], None), "original mask unusable"),
+        (None, None),
+    ):
+        png, note = render_panel(row, image, original)
+        assert (note or "").startswith(expected or ""), note
+        assert (note is None) == (expected is None)
+        pixels = decoded(png)[:40, :50]
+        assert colour_at(pixels, 10, 20) == REFINED_COLOUR
+        assert not (pixels == ORIGINAL_COLOUR).all(axis=-1).any()
+    with pytest.raises(ValueError, match="image is 50x40 but the refined mask is 60x40"):
+        render_panel(panel_row(40, 60, (10, 30, 10, 40)), image, None)
+    with pytest.raises(ValueError, match="no refined segmentation"):
+        render_panel(panel_row(40, 50, (10, 30, 10, 40), segmentation=None), image, None)
+
+
+def test_render_panel_scales_large_images_to_the_panel_side() -> None:
+    image = np.full((600, 1200, 3), GRAY, np.uint8)
+    pixels = decoded(render_panel(panel_row(600, 1200, (100, 500, 200, 1000)), image, None)[0])
+    assert pixels.shape[1] == 512 and pixels.shape[0] > 256  # 1200x600 drawn at 512x256
+    assert colour_at(pixels, round(100 * 512 / 1200), 256) == REFINED_COLOUR
+
+
+def test_image_candidates() -> None:
+    uri = "s3://bucket/runs/data/imgs/a.png"
+    assert image_candidates(uri, None, None) == [uri]
+    moved = Original("", [], "/moved/imgs/a.png")
+    assert image_candidates(uri, "/moved", moved) == ["/moved/imgs/a.png"]
+    assert image_candidates(uri, "/moved", None) == [
+        "/moved/runs/data/imgs/a.png",
+        "/moved/data/imgs/a.png",
+        "/moved/imgs/a.png",
+        "/moved/a.png",
+    ]
+    assert image_candidates("/x/a.png", "gs://root", None) == ["gs://root/x/a.png", "gs://root/a.png"]
+
+
+def test_write_panels_writes_readable_rows_and_notes_the_rest(tmp_path: Path) -> None:
+    Image.new("RGB", (50, 40), GRAY).save(tmp_path / "a.png")
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    good = panel_row(40, 50, (10, 30, 10, 40), image_uri=str(tmp_path / "a.png"))
+    again = {**good, "image_id": 2}  # the same annotation id on another image
+    missing = panel_row(40, 50, (10, 30, 10, 40), annotation_id=6, image_uri=str(tmp_path / "none.png"))
+    broken = panel_row(40, 50, (10, 30, 10, 40), annotation_id=7, image_uri=str(tmp_path / "bad.png"))
+    to = tmp_path / "preview"
+    panels = write_panels([good, again, missing, broken], str(to), None, None)
+    assert [panel.file for panel in panels] == ["panel_5.png", "panel_5_2.png", None, None]
+    assert panels[0].note is None and "not found" in panels[2].note and "bad.png" in panels[3].note
+    assert sorted(p.name for p in to.iterdir()) == ["panel_5.png", "panel_5_2.png"]
+    assert colour_at(decoded((to / "panel_5.png").read_bytes()), 10, 20) == REFINED_COLOUR
+
+    originals = {(1, 5): Original(json.dumps(rle(rect(40, 50, (12, 28, 12, 38)))), [], None)}
+    panels = write_panels([good, again], str(tmp_path / "with"), None, originals)
+    assert panels[0].note is None and panels[1].note == "annotation not found in --annotations"
+    assert colour_at(decoded((tmp_path / "with" / "panel_5.png").read_bytes()), 20, 12) == ORIGINAL_COLOUR
+
+
+def test_unusable_annotations_exit_2(tmp_path: Path) -> None:
+    out, _, _ = make_run(tmp_path)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{ not json")
+    for unusable in (bad, tmp_path / "absent.json"):
+        result = CliRunner().invoke(
+            app, ["preview", str(out), "--to", str(tmp_path / "p"), "--annotations", str(unusable)]
+        )
+        assert result.exit_code == 2, (result.output, result.exception)
+        message = result.stderr.strip()
+        assert message.startswith("error: ") and "\n" not in message and unusable.name in message
+    assert not (tmp_path / "p" / "index.html").exists()
+
+
+def test_preview_to_s3(tmp_path: Path, s3_bucket: str) -> None:
+    import s3fs
+
+    out, annotations, _ = make_run(tmp_path)
+    to = f"s3://{s3_bucket}/preview"
+    result = preview(out, to, "--annotations", str(annotations), "--n", "2")
+    assert f"-> {to}/index.html" in result.output
+    fs = s3fs.S3FileSystem()
+    fs.invalidate_cache()
+    names = sorted(path.rsplit("/", 1)[1] for path in fs.ls(f"{s3_bucket}/preview"))
+    assert names == ["index.html", "panel_11.png", "panel_21.png"]
+    page = IndexParser()
+    page.feed(fs.cat(f"{s3_bucket}/preview/index.html").decode())
+    assert [f["id"] for f in page.figures] == [11, 21]

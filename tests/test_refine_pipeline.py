@@ -30,8 +30,8 @@ from typer.testing import CliRunner
 from hqsam.hqsam_core import BoxRefiner, build_hqsam, save_model
 from hqsam.hqsam_core.testing.random_weights import randomize_
 from hqsam.jobs.cli import app
-from hqsam.jobs.refine import RefineConfig, run_refine
 from hqsam.pipeline.refine_pipeline import MAX_SOURCE_BLOCKS, RefineSettings, source_blocks
+from hqsam.pipeline.refine_run import RefineConfig, run_refine
 from hqsam.schemas.refined import REFINED_ANNOTATION
 from tests.conftest import ROOT, shared_fixture
 
@@ -168,6 +168,7 @@ def labelme(ray_session, checkpoint: Path, tmp_path_factory: pytest.TempPathFact
     return root, coco, out, summary
 
 
+@pytest.mark.slow
 def test_labelme_parquet_rows_are_the_bare_refiners_masks(labelme, refiner, checkpoint) -> None:
     root, coco, out, summary = labelme
     rows = read_rows(out)
@@ -200,6 +201,7 @@ def test_labelme_parquet_rows_are_the_bare_refiners_masks(labelme, refiner, chec
     assert on_disk["checkpoint_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
 
 
+@pytest.mark.slow
 def test_labelme_coco_output_loads_and_evaluates(labelme, capsys) -> None:
     root, coco, out, _ = labelme
     refined_path = out / "annotations.json"
@@ -346,6 +348,7 @@ def statuses(ray_session, checkpoint: Path, tmp_path_factory: pytest.TempPathFac
     return root / "data", expected, coco, out, result
 
 
+@pytest.mark.slow
 def test_every_status_code_one_row_each(statuses, refiner) -> None:
     data, expected, coco, out, result = statuses
     assert_exit(result, 1)  # more than 1 % failed, yet every row is written
@@ -384,6 +387,7 @@ def test_every_status_code_one_row_each(statuses, refiner) -> None:
     assert rows[2]["iou_vs_original"] is None  # the input had no mask
 
 
+@pytest.mark.slow
 def test_status_run_coco_output_keeps_failed_and_unknown_fields(statuses) -> None:
     _, expected, coco, out, _ = statuses
     refined = json.loads((out / "annotations.json").read_text())
@@ -410,6 +414,7 @@ def test_status_run_coco_output_keeps_failed_and_unknown_fields(statuses) -> Non
     assert ground.anns[1]["hqsam"]["iou_vs_original"] is not None
 
 
+@pytest.mark.slow
 def test_max_error_rate_decides_the_exit_code(statuses, checkpoint: Path) -> None:
     data, expected, _, out, first = statuses
     assert_exit(first, 1)  # default --max-error-rate 0.01
@@ -438,6 +443,7 @@ def test_max_error_rate_decides_the_exit_code(statuses, checkpoint: Path) -> Non
 # ---------------------------------------------------------------- object storage
 
 
+@pytest.mark.slow
 def test_s3_in_and_out_without_credentials_in_logs(s3_bucket, checkpoint: Path, tmp_path) -> None:
     import s3fs
 
@@ -502,6 +508,7 @@ def test_s3_in_and_out_without_credentials_in_logs(s3_bucket, checkpoint: Path, 
 # ---------------------------------------------------------------- OUT handling, --box-source, --limit
 
 
+@pytest.mark.slow
 def test_refuse_overwrite_box_source_and_limit(ray_session, checkpoint: Path, refiner, tmp_path) -> None:
     (tmp_path / "data").mkdir()
     images, annotations = [], []

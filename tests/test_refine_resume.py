@@ -1,5 +1,6 @@
 """Resume after a real kill: `hqsam refine` SIGKILLed mid-run, then --resume, ends with an
-uninterrupted run's rows - every annotation exactly once, same statuses, same masks."""
+uninterrupted run's rows - every annotation exactly once, same statuses, same masks. And the OUT
+policy and accounting of pipeline/refine_run.py on their own, without Ray."""
 
 from __future__ import annotations
 
@@ -21,8 +22,19 @@ from typer.testing import CliRunner
 from hqsam.hqsam_core import build_hqsam, save_model
 from hqsam.hqsam_core.testing.random_weights import randomize_
 from hqsam.jobs.cli import app
-from hqsam.jobs.refine import RefineConfig, run_refine
 from hqsam.pipeline.refine_pipeline import RefineSettings
+from hqsam.pipeline.refine_run import (
+    OutputNotEmptyError,
+    RefineConfig,
+    exit_code,
+    not_yet_written,
+    prepare_out,
+    run_refine,
+    summary_lines,
+    with_absolute_paths,
+)
+from hqsam.pipeline.write_parquet import write_atomically
+from hqsam.schemas.refined import REFINED_ANNOTATION
 from tests.conftest import ROOT, kill_session
 
 IMAGES = 10  # Ray blocks hold 8 images: parts appear after the 8th, the run ends after the 10th
@@ -91,6 +103,7 @@ def uninterrupted(ray_session, checkpoint: Path, tmp_path_factory: pytest.TempPa
     return path, out
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_uninterrupted_rows(uninterrupted, checkpoint: Path, tmp_path) -> None:
     path, reference = uninterrupted
     want = rows_by_id(reference)
@@ -138,6 +151,7 @@ def test_killed_run_resumes_to_the_uninterrupted_rows(uninterrupted, checkpoint:
     same_rows(rows_by_id(out), want)
 
 
+@pytest.mark.slow
 def test_resume_of_a_finished_run_refines_nothing(uninterrupted, checkpoint: Path) -> None:
     path, out = uninterrupted
     before = {p.name: p.read_bytes() for p in out.glob("part-*.parquet")}
@@ -148,3 +162,82 @@ def test_resume_of_a_finished_run_refines_nothing(uninterrupted, checkpoint: Pat
     assert summary["annotations_per_s"] == 0 and summary["complete"]
     assert {p.name: p.read_bytes() for p in out.glob("part-*.parquet")} == before
     same_rows(rows_by_id(out), rows)
+
+
+# ---------------------------------------------------------------- OUT policy and accounting, no Ray
+
+
+def test_out_is_made_refused_resumed_or_cleared_of_hqsams_files_only(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    prepare_out(str(out), resume=False, overwrite=False)
+    assert out.is_dir() and not list(out.iterdir())
+    prepare_out(str(out), resume=False, overwrite=False)  # still empty: nothing to refuse
+
+    ours = ["part-0a1b.parquet", ".part-0a1b.parquet.5e6f.tmp", "annotations.json"]
+    ours += [".annotations.json.77.tmp", "summary.json"]
+    theirs = ["notes.txt", "partial.parquet", "sub"]
+    for name in ours + theirs[:2]:
+        (out / name).write_bytes(b"x")
+    (out / "sub").mkdir()
+    with pytest.raises(OutputNotEmptyError) as refused:
+        prepare_out(str(out), resume=False, overwrite=False)
+    message = str(refused.value)
+    assert refused.value.exit_code == 2 and "\n" not in message
+    assert "not empty" in message and "--resume" in message and "--overwrite" in message
+    prepare_out(str(out), resume=True, overwrite=False)
+    assert sorted(p.name for p in out.iterdir()) == sorted(ours + theirs)  # resumed: all kept
+    prepare_out(str(out), resume=False, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == sorted(theirs)  # only hqsam's files go
+
+
+def test_resume_refines_only_images_without_rows_in_out(tmp_path: Path) -> None:
+    tasks = pa.table({"image_id": pa.array([1, 2, 3, 4], pa.int64()), "n": [10, 20, 30, 40]})
+    assert not_yet_written(tasks, str(tmp_path / "absent")).equals(tasks)
+    rows = [
+        {"image_id": image_id, "annotation_id": 10 * image_id + k, "status": "ok", "model": "vit_tiny"}
+        for image_id, k in [(1, 0), (1, 1), (3, 0)]
+    ]
+    write_atomically(str(tmp_path / "part-x.parquet"), pa.Table.from_pylist(rows, schema=REFINED_ANNOTATION))
+    (tmp_path / ".part-y.parquet.1.tmp").write_bytes(b"PAR1 half a file")  # a killed writer's: ignored
+    assert not_yet_written(tasks, str(tmp_path)).to_pydict() == {"image_id": [2, 4], "n": [20, 40]}
+
+
+def test_exit_code_paths_and_summary_lines() -> None:
+    summary = {"complete": True, "error_rate": 0.01, "max_error_rate": 0.01}
+    assert exit_code(summary) == 0
+    assert exit_code(summary | {"error_rate": 0.02}) == 1
+    assert exit_code(summary | {"complete": False, "error_rate": 0.0}) == 1
+
+    settings = RefineSettings("vit_tiny", "sam_hq_vit_tiny", "s3://bucket/head.pth", "cpu")
+    config = with_absolute_paths(RefineConfig("data/coco.json", "out", images="~/pics", settings=settings))
+    assert config.annotations == os.path.abspath("data/coco.json") and config.out == os.path.abspath("out")
+    assert config.images == os.path.expanduser("~/pics")
+    assert (
+        config.settings.checkpoint == "sam_hq_vit_tiny" and config.settings.hq_head == "s3://bucket/head.pth"
+    )
+    assert with_absolute_paths(RefineConfig("s3://b/c.json", "gs://b/out")).out == "gs://b/out"
+
+    lines = summary_lines(
+        {
+            "annotations_total": 3,
+            "annotations_ok": 1,
+            "errors": {"crowd_skipped": 1, "invalid_box": 1},
+            "images_total": 2,
+            "images_resumed": 1,
+            "wall_time_s": 2.25,
+            "annotations_per_s": 1.5,
+            "images_per_s": 0.5,
+            "error_rate": 1 / 3,
+            "max_error_rate": 0.01,
+            "out": "/data/out/",
+        }
+    )
+    # labels padded to the longest ("  crowd_skipped"), two spaces, the value
+    assert lines[:4] == [
+        "annotations      3",
+        "refined ok       1",
+        "  crowd_skipped  1",
+        "  invalid_box    1",
+    ]
+    assert lines[-1] == "summary          /data/out/summary.json"
+    assert "error rate       0.3333 (max 0.01)" in lines and "wall time        2.2 s" in lines

@@ -40,7 +40,9 @@ def _official(variant: str, state: dict):
 
 # vit_b's encoder takes ~15 s per image on a 2-core CPU, so it gets one image with boxes and one without;
 # vit_tiny checks the multi-image batch (prompts of two images in one decoder chunk).
-@pytest.mark.parametrize(("variant", "images_used"), [("vit_tiny", 3), ("vit_b", 2)])
+@pytest.mark.parametrize(
+    ("variant", "images_used"), [("vit_tiny", 3), pytest.param("vit_b", 2, marks=pytest.mark.slow)]
+)
 def test_batched_refiner_equals_official_predictor(variant: str, images_used: int) -> None:
     model = randomize_(build_hqsam(variant), seed=4)  # a seed whose masks cover ~60% of the images
     predictor = _official(variant, model.state_dict())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -149,6 +150,7 @@ def hqsam(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_refine_job_succeeds_with_logs_and_outputs(ray_head, tmp_path, tiny_checkpoint):
     annotations = shared_fixture("labelme-voc") / "annotations.json"
     out = tmp_path / "out"
@@ -175,6 +177,7 @@ def test_refine_job_succeeds_with_logs_and_outputs(ray_head, tmp_path, tiny_chec
     assert summary["annotations_written"] == 12 and summary["complete"]
 
 
+@pytest.mark.slow
 def test_failing_job_exits_nonzero_with_its_error(ray_head, tmp_path):
     annotations = shared_fixture("labelme-voc") / "annotations.json"
     result = hqsam(
@@ -194,6 +197,45 @@ def test_failing_job_exits_nonzero_with_its_error(ray_head, tmp_path):
     assert "failed" in result.stderr
 
 
+# What a job imports: the code shipped with it (py_modules), never the checkout or an installed copy.
+SHIPPED_PROBE = """
+import importlib.util, json, hqsam.jobs.cli, hqsam.pipeline.stage
+print("PROBE " + json.dumps({
+    "cli": hqsam.jobs.cli.__file__,
+    "stage": hqsam.pipeline.stage.__file__,
+    "pipeline_importable": importlib.util.find_spec("pipeline") is not None,
+}))
+"""
+
+
+@pytest.mark.slow
+def test_submitted_job_imports_the_code_shipped_with_it(ray_head, tmp_path):
+    from ray.job_submission import JobSubmissionClient
+
+    from hqsam.pipeline.submission import TERMINAL, package_folders, runtime_env, staged_code
+
+    jobs = JobSubmissionClient(ray_head)
+    command = (
+        f"cd {shlex.quote(str(tmp_path))} && {shlex.quote(sys.executable)} -c {shlex.quote(SHIPPED_PROBE)}"
+    )
+    with staged_code() as code:
+        job_id = jobs.submit_job(entrypoint=command, runtime_env=runtime_env([], code))
+    deadline = time.time() + 180
+    while time.time() < deadline and str(jobs.get_job_status(job_id)) not in TERMINAL:
+        time.sleep(0.5)
+    logs = jobs.get_job_logs(job_id)
+    assert str(jobs.get_job_status(job_id)) == "SUCCEEDED", logs
+    probe = json.loads(next(line for line in logs.splitlines() if line.startswith("PROBE "))[6:])
+    local = [str(folder.resolve()) for folder in package_folders().values()] + [str(ROOT.resolve())]
+    for name, relative in (("cli", "jobs/cli.py"), ("stage", "pipeline/stage.py")):
+        shipped = Path(probe[name])
+        assert "py_modules" in str(shipped) and shipped.as_posix().endswith(f"/hqsam/{relative}")
+        assert not str(shipped.resolve()).startswith(tuple(local))
+        assert shipped.read_bytes() == (ROOT / relative).read_bytes()  # the head shares this disk
+    assert probe["pipeline_importable"] is False  # hqsam owns no top-level `pipeline`
+
+
+@pytest.mark.slow
 def test_jobs_list_status_logs_stop(ray_head, tmp_path, tiny_checkpoint, monkeypatch):
     # In-process (CliRunner): every `hqsam` subprocess would pay the torch import again.
     from ray.job_submission import JobSubmissionClient
@@ -237,6 +279,9 @@ def test_jobs_list_status_logs_stop(ray_head, tmp_path, tiny_checkpoint, monkeyp
     assert f"{job_id} STOPPED" in stopped.stdout
     assert str(jobs.get_job_status(job_id)) == "STOPPED"
 
+    unknown = runner.invoke(app, ["jobs", "status", "raysubmit_nosuchjob", "--address", ray_head])
+    assert unknown.exit_code == 2 and "error:" in unknown.output and "Traceback" not in unknown.output
+
     logs = runner.invoke(app, ["jobs", "logs", job_id, "--address", ray_head])
     assert logs.exit_code == 0 and f"Running entrypoint for job {job_id}" in logs.stdout
     followed = runner.invoke(app, ["jobs", "logs", job_id, "--follow", "--address", ray_head])
@@ -248,10 +293,13 @@ def test_jobs_list_status_logs_stop(ray_head, tmp_path, tiny_checkpoint, monkeyp
 
 
 def test_submitted_argv_keeps_what_the_user_gave(monkeypatch):
-    from hqsam.jobs import cli, submit
+    from hqsam.jobs import cli
+    from hqsam.pipeline import submission
 
     calls = []
-    monkeypatch.setattr(submit, "submit", lambda argv, address, **kw: calls.append((argv, address, kw)) or 0)
+    monkeypatch.setattr(
+        submission, "submit", lambda argv, address, **kw: calls.append((argv, address, kw)) or 0
+    )
     monkeypatch.delenv("HQSAM_IN_RAY_JOB", raising=False)
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
     result = CliRunner().invoke(
@@ -318,10 +366,11 @@ def test_submitted_argv_keeps_what_the_user_gave(monkeypatch):
     ],
 )
 def test_train_and_evaluate_submit_too(monkeypatch, args, expected):
-    from hqsam.jobs import cli, submit
+    from hqsam.jobs import cli
+    from hqsam.pipeline import submission
 
     calls = []
-    monkeypatch.setattr(submit, "submit", lambda argv, address, **kw: calls.append(argv) or 0)
+    monkeypatch.setattr(submission, "submit", lambda argv, address, **kw: calls.append(argv) or 0)
     monkeypatch.delenv("HQSAM_IN_RAY_JOB", raising=False)
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
     result = CliRunner().invoke(cli.app, [*args, "--address", "http://10.0.0.1:8265"])
@@ -330,9 +379,10 @@ def test_train_and_evaluate_submit_too(monkeypatch, args, expected):
 
 
 def test_local_path_to_a_remote_cluster_warns(monkeypatch, tiny_checkpoint):
-    from hqsam.jobs import cli, submit
+    from hqsam.jobs import cli
+    from hqsam.pipeline import submission
 
-    monkeypatch.setattr(submit, "submit", lambda argv, address, **kw: 0)
+    monkeypatch.setattr(submission, "submit", lambda argv, address, **kw: 0)
     monkeypatch.delenv("HQSAM_IN_RAY_JOB", raising=False)
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
     args = ["refine", "s3://b/ann.json", "--out", "s3://b/out", "--checkpoint", str(tiny_checkpoint)]
@@ -344,9 +394,10 @@ def test_local_path_to_a_remote_cluster_warns(monkeypatch, tiny_checkpoint):
 
 
 def test_inside_a_job_the_command_runs_in_place(monkeypatch, tmp_path):
-    from hqsam.jobs import cli, submit
+    from hqsam.jobs import cli
+    from hqsam.pipeline import submission
 
-    monkeypatch.setattr(submit, "submit", lambda *a, **kw: pytest.fail("re-submitted from inside a job"))
+    monkeypatch.setattr(submission, "submit", lambda *a, **kw: pytest.fail("re-submitted from inside a job"))
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")  # what Ray sets for every job driver
     result = CliRunner().invoke(
         cli.app,
@@ -364,34 +415,67 @@ def test_inside_a_job_the_command_runs_in_place(monkeypatch, tmp_path):
 
 
 def test_entrypoint_names_a_checked_interpreter(monkeypatch):
-    from hqsam.jobs.submit import entrypoint
+    from hqsam.pipeline.submission import entrypoint
 
     monkeypatch.delenv("HQSAM_CLUSTER_PYTHON", raising=False)
     remote = entrypoint(["refine", "--", "s3://b/a.json"], "http://10.0.0.1:8265")
     assert remote.startswith("for py in python3 python; do")
-    assert "import ray, hqsam.jobs.submit" in remote and "exit 127" in remote
+    assert "import ray, hqsam.jobs.cli" in remote and "exit 127" in remote
     local = entrypoint(["refine"], "http://127.0.0.1:8265")
     assert sys.executable in local and local.startswith("cd ")
     monkeypatch.setenv("HQSAM_CLUSTER_PYTHON", "/opt/py/bin/python")
     assert entrypoint(["refine"], "ray://head:10001") == "/opt/py/bin/python -m hqsam.jobs.cli refine"
 
 
-def test_runtime_env_ships_the_checkout_and_redacts_forwarded_values(monkeypatch):
-    from hqsam.jobs.submit import describe_runtime_env, runtime_env
+def test_runtime_env_ships_only_our_code_and_redacts_forwarded_values(monkeypatch):
+    from hqsam.pipeline.submission import PACKAGES, describe_runtime_env, runtime_env, staged_code
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "very-secret")
-    env = runtime_env(["AWS_SECRET_ACCESS_KEY"])
-    assert env["working_dir"] == str(ROOT) and "/.venv" in env["excludes"] and "/.git" in env["excludes"]
+    with staged_code() as code:
+        env = runtime_env(["AWS_SECRET_ACCESS_KEY"], code)
+        staged = Path(code)
+        shipped = sorted(str(path.relative_to(staged)) for path in staged.rglob("*") if path.is_file())
+        assert staged.name == "hqsam" and not (staged / "__init__.py").exists()  # a namespace, as installed
+        # Exactly the .py files of the four packages (no __pycache__, no data, nothing of the checkout).
+        expected = sorted(
+            f"{name}/{path.relative_to(ROOT / name)}"
+            for name in PACKAGES
+            for path in (ROOT / name).rglob("*.py")
+            if "__pycache__" not in path.parts
+        )
+        assert (
+            shipped == expected and "jobs/cli.py" in shipped and "hqsam_core/testing/__init__.py" in shipped
+        )
+        assert (staged / "pipeline" / "submission.py").read_bytes() == (
+            ROOT / "pipeline" / "submission.py"
+        ).read_bytes()
+    assert not staged.exists()  # the staging folder is temporary
+    assert env["py_modules"] == [code]
+    assert "working_dir" not in env and "excludes" not in env  # nothing of the checkout is uploaded
     assert env["env_vars"] == {"HQSAM_IN_RAY_JOB": "1", "AWS_SECRET_ACCESS_KEY": "very-secret"}
     assert "very-secret" not in describe_runtime_env(env)
     assert "AWS_SECRET_ACCESS_KEY=***" in describe_runtime_env(env)
+    assert "py_modules hqsam" in describe_runtime_env(env)
+
+
+def test_unset_forwarded_variable_and_detach_without_address_are_user_errors(monkeypatch, tmp_path):
+    from hqsam.jobs import cli
+    from hqsam.pipeline.submission import RayJobError, runtime_env
+
+    monkeypatch.delenv("HQSAM_TEST_UNSET", raising=False)
+    with pytest.raises(RayJobError, match="HQSAM_TEST_UNSET is not set"):
+        runtime_env(["HQSAM_TEST_UNSET"], str(tmp_path))
+    for name in ("RAY_ADDRESS", "HQSAM_IN_RAY_JOB", "RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        monkeypatch.delenv(name, raising=False)
+    result = CliRunner().invoke(cli.app, ["refine", "s3://b/ann.json", "--out", "s3://b/out", "--detach"])
+    assert result.exit_code == 2 and "--detach needs --address" in result.output
 
 
 def test_refine_requests_its_gpus_up_front_on_a_cluster_only(monkeypatch):
     import ray.autoscaler.sdk
 
-    from hqsam.jobs.refine import _requested_resources
     from hqsam.pipeline.refine_pipeline import RefineSettings
+    from hqsam.pipeline.refine_run import requested_resources as _requested_resources
 
     calls = []
     monkeypatch.setattr(ray.autoscaler.sdk, "request_resources", lambda **kw: calls.append(kw))

@@ -1,7 +1,7 @@
 """`hqsam train` and its data sources.
 
 Sources: parsed, listed and decoded without Ray (folder pairs, COCO, refine outputs, weights, S3).
-Training: real Ray Train with 2 CPU workers on the labelme fixture (COCO source) merged with a
+Training (marked slow): real Ray Train with 2 CPU workers on the labelme fixture (COCO source) merged with a
 generated thin-structure folder pair; a run killed with SIGKILL resumes from its last checkpoint;
 the exports load strictly into the official package and keep SAM's weights bit for bit.
 """
@@ -22,25 +22,16 @@ import pyarrow as pa
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
 from hqsam.hqsam_core import build_hqsam
 from hqsam.hqsam_core.checkpoint import is_hq_key
 from hqsam.hqsam_core.masks import encode_rle
 from hqsam.hqsam_core.metrics import mask_iou
 from hqsam.hqsam_core.testing.thin_structures import generate_thin_structures
-from hqsam.jobs.cli import app
-from hqsam.jobs.train import TrainConfig, TrainError, run_train
-from hqsam.pipeline.train_sources import (
-    SampleError,
-    SourceError,
-    apply_weight,
-    gt_to_mask,
-    load_sample,
-    merge_sources,
-    parse_source,
-    source_rows,
-)
+from hqsam.pipeline.load_samples import SampleError, gt_to_mask, load_sample
+from hqsam.pipeline.train_config import TrainConfig, TrainError
+from hqsam.pipeline.train_run import run_train
+from hqsam.pipeline.train_sources import SourceError, apply_weight, merge_sources, parse_source, source_rows
 from hqsam.pipeline.write_parquet import write_atomically
 from hqsam.schemas.refined import REFINED_ANNOTATION
 from tests.conftest import ROOT, kill_session, shared_fixture
@@ -257,6 +248,7 @@ def smoke_run(ray_session, tiny_checkpoint: Path, thin_pair: Path, val_pair: Pat
     return out, run_train(config, progress=False)
 
 
+@pytest.mark.slow
 def test_smoke_run_reports_loss_validation_and_checkpoints(
     smoke_run, thin_pair: Path, val_pair: Path
 ) -> None:
@@ -278,6 +270,7 @@ def test_smoke_run_reports_loss_validation_and_checkpoints(
     assert sorted(p.name for p in out.glob("checkpoint_0*")) == ["checkpoint_00000002", "checkpoint_00000003"]
 
 
+@pytest.mark.slow
 def test_exports_load_strictly_in_the_official_package_and_ours(smoke_run, tiny_checkpoint: Path) -> None:
     out, _ = smoke_run
     head = torch.load(out / "hq_head.pth", weights_only=True)
@@ -295,6 +288,7 @@ def test_exports_load_strictly_in_the_official_package_and_ours(smoke_run, tiny_
         assert torch.equal(ours[key], value) and torch.equal(combined[key], value), key
 
 
+@pytest.mark.slow
 def test_sam_weights_are_bit_identical_and_only_the_head_changed(smoke_run, tiny_checkpoint: Path) -> None:
     out, _ = smoke_run
     base = torch.load(tiny_checkpoint, weights_only=True)
@@ -308,7 +302,12 @@ def test_sam_weights_are_bit_identical_and_only_the_head_changed(smoke_run, tiny
             assert full[key].numpy().tobytes() == value.numpy().tobytes(), f"{key} changed"
 
 
+@pytest.mark.slow
 def test_export_command_rewrites_the_same_files(smoke_run, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from hqsam.jobs.cli import app
+
     out, summary = smoke_run
     before = {name: torch.load(out / name, weights_only=True) for name in ("hq_head.pth", "model.pth")}
     copy = tmp_path / "copy"
@@ -326,6 +325,7 @@ def test_export_command_rewrites_the_same_files(smoke_run, tmp_path: Path) -> No
     assert result.exit_code == 2 and "not an `hqsam train` run" in result.stderr
 
 
+@pytest.mark.slow
 def test_a_run_folder_refuses_another_base(
     smoke_run, tiny_checkpoint: Path, thin_pair: Path, tmp_path
 ) -> None:
@@ -356,6 +356,7 @@ def registered_steps(fs, out: str) -> list[int]:
     return sorted(steps)
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_from_its_last_checkpoint_on_s3(
     s3_bucket: str, tiny_checkpoint: Path, thin_pair: Path, tmp_path
 ) -> None:

@@ -6,7 +6,7 @@ structures on top of a frozen small base, beats the untrained head on held-out t
   weights of conftest are no base for learning: their early ViT feature is almost constant over the
   image (spatial std ~0.004 against a mean of ~0.04), so a head on top has nothing to read; with
   calibrated statistics the features carry the structures (a ridge probe reaches IoU ~0.3-0.4).
-- Training: `jobs.train.train_step`, the step every Ray Train worker runs (frozen encoder without
+- Training: `hqsam_core.training.train_step`, the step every Ray Train worker runs (frozen encoder without
   gradients, HQ-only logits, point-sampled BCE + dice, Adam), in-process, one worker; the Ray Train
   path itself is covered by tests/test_train_job.py.
 - CPU time: each training image is jittered (the official flip + large-scale jitter) into a fixed
@@ -20,6 +20,7 @@ structures on top of a frozen small base, beats the untrained head on held-out t
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from hqsam.hqsam_core import build_hqsam
@@ -30,10 +31,11 @@ from hqsam.hqsam_core.training import (
     HQTrainingModule,
     freeze_sam_,
     large_scale_jitter,
+    make_optimizer,
     preprocess_batch,
     sample_prompt,
+    train_step,
 )
-from hqsam.jobs.train import make_optimizer, train_step
 
 TRAIN_IMAGES, VIEWS, HELD_OUT = 16, 1, 8
 STEPS, BATCH, LR = 100, 1, 1e-3  # the recipe's lr; held-out mIoU rises within ~50 steps
@@ -79,6 +81,7 @@ def held_out_hq_miou(model, held_out) -> float:
     return summarize(scores)["hq_miou"]
 
 
+@pytest.mark.slow
 def test_hq_head_learns_thin_structures_on_a_frozen_base() -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(min(2, threads))
