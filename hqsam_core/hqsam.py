@@ -57,5 +57,5 @@ class HQSam(Sam):
             handle.remove()
         return embeddings, self._early_to_nchw(captured[0])
 
-    def forward(self, *args, **kwargs):  # noqa: D102
+    def forward(self, *args, **kwargs):
         raise TypeError("HQSam has no single forward; use hqsam_core.BoxRefiner (encode + decode).")

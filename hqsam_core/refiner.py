@@ -111,7 +111,7 @@ class BoxRefiner:
         encoder_batch: int | None = None,
         precision: str | None = None,
         attention: str | None = None,
-        compile: bool | str = False,  # noqa: A002 - the option's public name
+        compile: bool | str = False,
         pad_prompts: bool | None = None,
     ) -> None:
         self.device = torch.device(device)

@@ -23,10 +23,6 @@ from hqsam.jobs.options import (
     fail,
 )
 
-CROP_ZOOM_HELP = "Refine boxes under this share of the image's long side on a zoomed crop (e.g. 0.25)."
-MAX_PROMPTS_HELP = "Boxes per decoder call: bounds decoder memory (default: 64 on CUDA, 16 on CPU)."
-MAX_ERROR_RATE_HELP = "Exit 1 when more than this share of annotations failed."
-
 
 class OutputFormat(str, enum.Enum):
     parquet = "parquet"
@@ -36,6 +32,42 @@ class OutputFormat(str, enum.Enum):
 class BoxSource(str, enum.Enum):
     bbox = "bbox"
     segmentation = "segmentation"
+
+
+IMAGES_HELP = "Root that file_name / image_uri are relative to (default: the annotation file's folder)."
+FORMAT_HELP = "parquet: OUT/part-*.parquet; coco: also OUT/annotations.json."
+BOX_SOURCE_HELP = "Prompt with the annotation's bbox, or with the tight box of its segmentation."
+CROP_ZOOM_HELP = (
+    "Refine boxes whose long side is under this share of the image's on a zoomed crop (e.g. 0.25)."
+)
+MAX_PROMPTS_HELP = "Boxes per decoder call: bounds decoder memory (default: 64 on CUDA, 16 on CPU)."
+ACTORS_HELP = "Refine actors MIN[:MAX]; with MAX > MIN an autoscaler may add GPU nodes."
+
+IMAGES_OPTION = typer.Option(None, "--images", help=IMAGES_HELP)
+OUT_OPTION = typer.Option(..., "--out", help="Output folder or URI (local, s3://, gs://).")
+FORMAT_OPTION = typer.Option(OutputFormat.parquet, "--format", help=FORMAT_HELP)
+BATCH_SIZE_OPTION = typer.Option(
+    4, "--batch-size", min=1, help="Images per refine call (with all their boxes)."
+)
+ACTORS_OPTION = typer.Option("1", "--actors", help=ACTORS_HELP)
+HQ_TOKEN_ONLY_OPTION = typer.Option(False, "--hq-token-only/--no-hq-token-only", help="HQ logits alone.")
+BOX_SOURCE_OPTION = typer.Option(BoxSource.bbox, "--box-source", help=BOX_SOURCE_HELP)
+PRECISION_OPTION = typer.Option(None, "--precision", help="Default: bf16 on CUDA, fp32 on CPU.")
+COMPILE_OPTION = typer.Option(
+    False, "--compile", help="torch.compile the decoder; the first batch pays for it."
+)
+CROP_ZOOM_OPTION = typer.Option(None, "--crop-zoom", min=0.0, max=1.0, help=CROP_ZOOM_HELP)
+MAX_PROMPTS_OPTION = typer.Option(None, "--max-prompts", min=1, help=MAX_PROMPTS_HELP)
+THREADS_OPTION = typer.Option(None, "--threads", min=1, help="Torch threads per actor on CPU.")
+IMAGES_PER_FILE_OPTION = typer.Option(
+    512, "--images-per-file", min=1, hidden=True, help="Images per part file."
+)
+RESUME_OPTION = typer.Option(False, "--resume", help="Continue a run: skip images already written to OUT.")
+OVERWRITE_OPTION = typer.Option(False, "--overwrite", help="Delete hqsam's files in OUT and start over.")
+LIMIT_OPTION = typer.Option(None, "--limit", min=1, help="Refine only the first N images.")
+MAX_ERROR_RATE_OPTION = typer.Option(
+    0.01, "--max-error-rate", min=0.0, max=1.0, help="Exit 1 when more than this share of annotations failed."
+)
 
 
 def parse_actors(text: str) -> tuple[int, int]:
@@ -52,44 +84,31 @@ def parse_actors(text: str) -> tuple[int, int]:
 
 def refine(
     ctx: typer.Context,
-    annotations: str = typer.Argument(..., help="COCO instances JSON or Parquet manifest, path or URI."),
-    images: str | None = typer.Option(
-        None, "--images", help="Root of relative image paths (default: its folder)."
+    annotations: str = typer.Argument(
+        ...,
+        help="COCO instances JSON, or a Parquet manifest (schemas/manifest.py), local or on object storage.",
     ),
-    out: str = typer.Option(..., "--out", help="Output folder or URI (local, s3://, gs://)."),
-    format: OutputFormat = typer.Option("parquet", "--format", help="coco: also write OUT/annotations.json."),
+    images: str | None = IMAGES_OPTION,
+    out: str = OUT_OPTION,
+    format: OutputFormat = FORMAT_OPTION,
     model: Variant = MODEL_OPTION,
     checkpoint: str | None = CHECKPOINT_OPTION,
     hq_head: str | None = HQ_HEAD_OPTION,
     device: Device | None = DEVICE_OPTION,
-    batch_size: int = typer.Option(
-        4, "--batch-size", min=1, help="Images per refine call (with their boxes)."
-    ),
-    actors: str = typer.Option("1", "--actors", help="Refine actors MIN[:MAX]; MAX > MIN: autoscaled."),
-    hq_token_only: bool = typer.Option(False, "--hq-token-only/--no-hq-token-only", help="HQ logits alone."),
-    box_source: BoxSource = typer.Option(
-        "bbox", "--box-source", help="Prompt from the bbox or the mask's tight box."
-    ),
-    precision: Precision | None = typer.Option(
-        None, "--precision", help="Default: bf16 on CUDA, fp32 on CPU."
-    ),
-    compile: bool = typer.Option(
-        False, "--compile", help="torch.compile the decoder; the first batch pays for it."
-    ),
-    crop_zoom: float | None = typer.Option(None, "--crop-zoom", min=0.0, max=1.0, help=CROP_ZOOM_HELP),
-    max_prompts: int | None = typer.Option(None, "--max-prompts", min=1, help=MAX_PROMPTS_HELP),
-    threads: int | None = typer.Option(None, "--threads", min=1, help="Torch threads per actor on CPU."),
-    images_per_file: int = typer.Option(
-        512, "--images-per-file", min=1, hidden=True, help="Images per part file."
-    ),
-    resume: bool = typer.Option(
-        False, "--resume", help="Continue a run: skip images already written to OUT."
-    ),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Delete hqsam's files in OUT and start over."),
-    limit: int | None = typer.Option(None, "--limit", min=1, help="Refine only the first N images."),
-    max_error_rate: float = typer.Option(
-        0.01, "--max-error-rate", min=0.0, max=1.0, help=MAX_ERROR_RATE_HELP
-    ),
+    batch_size: int = BATCH_SIZE_OPTION,
+    actors: str = ACTORS_OPTION,
+    hq_token_only: bool = HQ_TOKEN_ONLY_OPTION,
+    box_source: BoxSource = BOX_SOURCE_OPTION,
+    precision: Precision | None = PRECISION_OPTION,
+    compile: bool = COMPILE_OPTION,
+    crop_zoom: float | None = CROP_ZOOM_OPTION,
+    max_prompts: int | None = MAX_PROMPTS_OPTION,
+    threads: int | None = THREADS_OPTION,
+    images_per_file: int = IMAGES_PER_FILE_OPTION,
+    resume: bool = RESUME_OPTION,
+    overwrite: bool = OVERWRITE_OPTION,
+    limit: int | None = LIMIT_OPTION,
+    max_error_rate: float = MAX_ERROR_RATE_OPTION,
     progress: bool = PROGRESS_OPTION,
     address: str | None = ADDRESS_OPTION,
     detach: bool = DETACH_OPTION,
@@ -102,7 +121,7 @@ def refine(
     written to OUT/summary.json.
     """
     from hqsam.pipeline.refine_pipeline import RefineSettings
-    from hqsam.pipeline.refine_run import RefineConfig, exit_code, run_refine, summary_lines
+    from hqsam.pipeline.refine_run import RefineConfig, exit_code, run_refine
     from hqsam.pipeline.submission import submit_if_requested
 
     submit_if_requested(ctx, address, detach, forward_env)
@@ -138,9 +157,16 @@ def refine(
         max_error_rate=max_error_rate,
     )
     summary = run_refine(config, progress=progress)
+    report(summary)
+    raise typer.Exit(exit_code(summary))
+
+
+def report(summary: dict) -> None:
+    """The summary's lines, and a red line when annotations have no output row."""
+    from hqsam.pipeline.refine_run import summary_lines
+
     for line in summary_lines(summary):
         typer.echo(line)
     if not summary["complete"]:
         missing = summary["annotations_total"] - summary["annotations_written"]
         typer.secho(f"{missing} annotations have no output row", err=True, fg=typer.colors.RED)
-    raise typer.Exit(exit_code(summary))
