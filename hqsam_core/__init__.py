@@ -29,3 +29,8 @@ def __getattr__(name: str):
     if name not in _EXPORTS:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     return getattr(importlib.import_module(_EXPORTS[name]), name)
+
+
+def __dir__() -> list[str]:
+    # dir() and tab completion list the public names too, without importing them
+    return sorted({*globals(), *_EXPORTS})

@@ -16,6 +16,7 @@ from hqsam.hqsam_core.hqsam import HQSam
 from hqsam.hqsam_core.mask_decoder_hq import MaskDecoderHQ
 from hqsam.hqsam_core.tiny_vit import TinyViT, early_feature_to_nchw
 from hqsam.hqsam_core.variants import VARIANTS
+from hqsam.hqsam_core.zoo import shown_source
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,8 @@ def build_hqsam(
     """Build an HQ-SAM model in eval mode, loading official-format weights when given.
 
     `checkpoint` is an HQ-SAM checkpoint, or a plain SAM one together with `hq_head` (a file of
-    HQ keys). Sources may be paths, fsspec URIs or zoo names. Without `checkpoint` the weights
+    HQ keys). Sources may be paths, fsspec URIs or zoo names, each optionally pinned to its
+    sha256 (`SOURCE#sha256=HEX`, see hqsam_core.zoo). Without `checkpoint` the weights
     are random. A plain SAM checkpoint without `hq_head` is refused unless `allow_random_hq_head`.
     `attention` is "sam" (SAM's own attention modules: the official computation) or "sdpa"
     (`hqsam_core.fast_attention.FusedAttention`: same parameters and keys, fused kernels); it
@@ -156,6 +158,8 @@ def _checked_state(model: HQSam, checkpoint: str, hq_head: str | None, allow_ran
     variant = model.variant
     base = read_state_dict(checkpoint)
     head = read_state_dict(hq_head) if hq_head is not None else None
+    # Messages name the sources without credentials, signatures or pins.
+    checkpoint, hq_head = shown_source(checkpoint), hq_head and shown_source(hq_head)
     state, head_is_random = merge_checkpoint(model, base, head, checkpoint, hq_head, variant)
     if head_is_random:
         if not allow_random_hq_head:

@@ -10,7 +10,7 @@ from torch import nn
 from hqsam.hqsam_core import storage
 from hqsam.hqsam_core.errors import HqsamError
 from hqsam.hqsam_core.mask_decoder_hq import HQ_MODULES
-from hqsam.hqsam_core.zoo import fetch_checkpoint
+from hqsam.hqsam_core.zoo import fetch_checkpoint, shown_source
 
 HQ_KEY_PREFIXES = tuple(f"mask_decoder.{name}." for name in HQ_MODULES)
 _ENCODER_WIDTH_TO_VARIANT = {768: "vit_b", 1024: "vit_l", 1280: "vit_h"}
@@ -31,8 +31,10 @@ def hq_keys(model: nn.Module) -> set[str]:
 
 
 def read_state_dict(source: str) -> StateDict:
-    """Load a state dict from a path, fsspec URI or zoo name (tensors only: weights_only=True)."""
+    """Load a state dict from a path, fsspec URI or zoo name, pinned or not (tensors only:
+    weights_only=True)."""
     path = fetch_checkpoint(source)
+    source = shown_source(source)  # messages never show a URL's credentials or signature
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"{source} is not a readable PyTorch checkpoint (the file is empty).")
     try:

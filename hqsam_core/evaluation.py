@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from segment_anything.modeling.mask_decoder import MaskDecoder
 from torch import nn
 
+from hqsam.hqsam_core.arrays import writable
 from hqsam.hqsam_core.fast_attention import attention_kind
 from hqsam.hqsam_core.hqsam import HQSam
 from hqsam.hqsam_core.masks import tight_box_inclusive
@@ -97,7 +98,7 @@ def _as_refiner(refiner_or_model: BoxRefiner | nn.Module) -> tuple[BoxRefiner, n
 
 def _squash(image: np.ndarray, size: int) -> np.ndarray:
     """The official evaluation resize: bilinear to size x size on floats, then truncated to uint8."""
-    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()[None]
+    tensor = torch.from_numpy(writable(np.ascontiguousarray(image))).permute(2, 0, 1).float()[None]
     resized = F.interpolate(tensor, size=(size, size), mode="bilinear", align_corners=False)[0]
     return resized.clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
 

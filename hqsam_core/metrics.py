@@ -8,6 +8,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from hqsam.hqsam_core.arrays import writable
+
 MaskArray = np.ndarray | torch.Tensor
 
 
@@ -15,7 +17,7 @@ def _as_bool_tensor(masks: MaskArray) -> torch.Tensor:
     if isinstance(masks, torch.Tensor):
         return masks.bool()
     # from_numpy rejects negative strides, e.g. flipped views.
-    return torch.from_numpy(np.ascontiguousarray(masks, dtype=bool))
+    return torch.from_numpy(writable(np.ascontiguousarray(masks, dtype=bool)))
 
 
 def _check_pair(a: torch.Tensor, b: torch.Tensor, ndim: int) -> None:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from hqsam.hqsam_core import crop_zoom as cz
+from hqsam.hqsam_core.arrays import writable
 from hqsam.hqsam_core.fast_attention import set_attention
 from hqsam.hqsam_core.hqsam import HQSam
 
@@ -174,10 +175,7 @@ class BoxRefiner:
     def _preprocess_on_device(self, images: Sequence[np.ndarray]) -> tuple[list[torch.Tensor], list]:
         """Pinned upload, then resize (antialiased bilinear, rounded to uint8 levels like PIL's
         output), normalise and pad on the device."""
-        uploaded = [
-            torch.from_numpy(np.ascontiguousarray(image)).pin_memory().to(self.device, non_blocking=True)
-            for image in images
-        ]
+        uploaded = [_pinned(image).to(self.device, non_blocking=True) for image in images]
         batch, input_sizes = [], []
         for pixels in uploaded:
             h, w = pixels.shape[:2]
@@ -204,8 +202,8 @@ class BoxRefiner:
 
         Returns one `Refinement` per encoded image, its boxes in the order given.
         """
-        boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
-        image_index = torch.as_tensor(image_index, dtype=torch.long).reshape(-1)
+        boxes = torch.as_tensor(writable(boxes), dtype=torch.float32).reshape(-1, 4)
+        image_index = torch.as_tensor(writable(image_index), dtype=torch.long).reshape(-1)
         if len(boxes) != len(image_index):
             raise ValueError(f"{len(boxes)} boxes but {len(image_index)} image indexes")
         num_images = len(features.original_sizes)
@@ -446,6 +444,14 @@ def _pad_rows(boxes: torch.Tensor, index: torch.Tensor, size: int) -> tuple[torc
     if missing <= 0:
         return boxes, index
     return torch.cat([boxes, boxes[-1:].expand(missing, 4)]), torch.cat([index, index[-1:].expand(missing)])
+
+
+def _pinned(image: np.ndarray) -> torch.Tensor:
+    """A copy of `image` in pinned memory, in one copy; a read-only array (a Ray Data batch's) is
+    read, never shared, so torch has nothing to warn about."""
+    pinned = torch.empty(image.shape, dtype=torch.uint8, pin_memory=True)
+    pinned.numpy()[...] = image
+    return pinned
 
 
 def _batches(items: list, size: int) -> Iterator[list]:

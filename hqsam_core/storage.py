@@ -191,18 +191,25 @@ def json_scalar(value):
 
 
 def redact(uri: str | None) -> str | None:
-    """`uri` safe to log or record: user:password@ and secret query parameters become ***."""
+    """`uri` safe to log or record: user:password@ and secret query or fragment parameters
+    (signatures, credentials, tokens) become ***; everything else stays as written."""
     if not uri or not has_scheme(uri):
         return uri
     parts = urllib.parse.urlsplit(uri)
     netloc = parts.netloc
     if "@" in netloc:
         netloc = "***@" + netloc.rsplit("@", 1)[1]
-    query = "&".join(
-        f"{key}=***" if _SECRET_QUERY.search(key) else (f"{key}={value}" if value else key)
-        for key, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
-    )
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    query, fragment = _redact_parameters(parts.query), _redact_parameters(parts.fragment)
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, fragment))
+
+
+def _redact_parameters(text: str) -> str:
+    """`a=1&X-Amz-Signature=abc` -> `a=1&X-Amz-Signature=***`, each pair otherwise kept byte for byte."""
+    pairs = []
+    for pair in text.split("&") if text else []:
+        key = urllib.parse.unquote_plus(pair.split("=", 1)[0])
+        pairs.append(f"{pair.split('=', 1)[0]}=***" if _SECRET_QUERY.search(key) else pair)
+    return "&".join(pairs)
 
 
 def _uri(fs: fsspec.AbstractFileSystem, name: str) -> str:

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hqsam.hqsam_core.arrays import writable
 from hqsam.hqsam_core.build import build_hqsam, check_checkpoint
 from hqsam.hqsam_core.hqsam import HQSam
 from hqsam.hqsam_core.mask_decoder_hq import HQ_MODULES
@@ -73,7 +74,7 @@ class Prompt:
 def _resize_bilinear(array: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
     """HxW or HxWxC array -> (C, h, w) float32 tensor, bilinear without antialiasing (as F.interpolate
     in the official transforms: half-pixel centres, align_corners=False)."""
-    tensor = torch.from_numpy(np.ascontiguousarray(array)).float()
+    tensor = torch.from_numpy(writable(np.ascontiguousarray(array))).float()
     tensor = tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1)
     if tuple(tensor.shape[-2:]) == tuple(size):
         return tensor

@@ -1,4 +1,11 @@
-"""Turn any checkpoint source (zoo name, URL, fsspec URI or local path) into a verified local file."""
+"""Turn any checkpoint source (zoo name, URL, fsspec URI or local path) into a verified local file.
+
+Pinning: a source may end in `#sha256=HEX` (64 hex digits; `--checkpoint-sha256` adds it), and
+HQSAM_ZOO_SHA256 pins zoo files by name (`sam_hq_vit_l=HEX,sam_vit_h=HEX`), e.g. for a mirror set
+with HQSAM_ZOO_URL. A pinned file whose sha256 differs is refused: downloads are discarded before
+they enter the cache. Every download prints its sha256 (so that it can be pinned) and records it
+beside the cached file (`<file>.sha256`), so that checking a pin later costs no hashing.
+"""
 
 from __future__ import annotations
 
@@ -32,6 +39,13 @@ _NETWORK_TIMEOUT_S = 60.0
 _ZOO_ADVICE = "download it elsewhere and pass --checkpoint PATH, or set HQSAM_ZOO_URL to a mirror"
 _URL_ADVICE = "download it elsewhere and pass --checkpoint PATH"
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-\d+/(\d+|\*)")
+PIN_MARK = "#sha256="
+ZOO_PINS_ENV = "HQSAM_ZOO_SHA256"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_RECORD_SUFFIX = ".sha256"
+# This process's known digests, by file version (path, size, mtime, inode): one hash per file version.
+_known_digests: dict[tuple, str] = {}
+_warned_plain_http: set[str] = set()
 
 _log = logging.getLogger(__name__)
 
@@ -116,34 +130,100 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
 def fetch_checkpoint(source: str, *, progress: bool = True) -> Path:
     """Return a local file holding the checkpoint `source` names, downloading or copying it when needed.
 
-    `source` is a zoo name, an http(s) URL, a local path or `file://` URI, or any other fsspec URI.
-    Raises CheckpointSourceError, with a one-sentence message, on any failure.
+    `source` is a zoo name, an http(s) URL, a local path or `file://` URI, or any other fsspec URI,
+    optionally pinned (`SOURCE#sha256=HEX`). Raises CheckpointSourceError, with a one-sentence
+    message, on any failure, a pinned file of another sha256 included.
     """
+    source, pin = split_pin(source)
     if is_zoo_name(source):
-        return _fetch_zoo(ZOO[source], progress)
+        return _fetch_zoo(ZOO[source], progress, pin)
+    pins = [pin] if pin else []
     parts = urllib.parse.urlsplit(source)
     scheme = parts.scheme.lower()
     if scheme in ("http", "https"):
-        return _fetch_url(source, progress)
+        return _fetch_url(source, progress, pins)
     if scheme == "file":
-        return _existing_file(Path(urllib.request.url2pathname(parts.path)))
+        return _existing_file(Path(urllib.request.url2pathname(parts.path)), pins)
     if scheme:
-        return _fetch_fsspec(source, progress)
-    return _existing_file(Path(source).expanduser())
+        return _fetch_fsspec(source, progress, pins)
+    return _existing_file(Path(source).expanduser(), pins)
 
 
-def _existing_file(path: Path) -> Path:
+def split_pin(source: str) -> tuple[str, str | None]:
+    """`SOURCE#sha256=HEX` -> (SOURCE, HEX); a source without a pin -> (source, None)."""
+    head, mark, tail = source.rpartition(PIN_MARK)
+    if mark and _SHA256.fullmatch(tail.lower()):
+        return head, tail.lower()
+    return source, None
+
+
+def pinned(source: str, sha256: str | None) -> str:
+    """`source` pinned to `sha256` (`SOURCE#sha256=HEX`), or as it is without one.
+
+    A local path is made absolute: a pinned path is no file name, and the run's workers need not
+    share this process's working directory."""
+    if sha256 is None:
+        return source
+    pin = checked_sha256(sha256, "--checkpoint-sha256")
+    bare, existing = split_pin(source)
+    if existing is not None and existing != pin:
+        raise CheckpointSourceError(f"{shown_source(bare)} is pinned twice, to {existing} and to {pin}.")
+    if not is_zoo_name(bare) and "://" not in bare:
+        bare = os.path.abspath(os.path.expanduser(bare))
+    return f"{bare}{PIN_MARK}{pin}"
+
+
+def checked_sha256(text: str, what: str) -> str:
+    """`text` as a lowercase sha256 hex digest; CheckpointSourceError naming `what` otherwise."""
+    digest = text.strip().lower()
+    if not _SHA256.fullmatch(digest):
+        raise CheckpointSourceError(f"{what} {text!r} is no sha256: 64 hexadecimal digits expected.")
+    return digest
+
+
+def shown_source(source: str) -> str:
+    """A checkpoint source as messages show it: without its pin, credentials and signatures."""
+    return storage.redact(split_pin(source)[0])
+
+
+def zoo_pins() -> dict[str, str]:
+    """The zoo files pinned by HQSAM_ZOO_SHA256 (`NAME=HEX`, separated by commas or spaces)."""
+    pins = {}
+    for item in os.environ.get(ZOO_PINS_ENV, "").replace(",", " ").split():
+        name, _, digest = item.partition("=")
+        if name not in ZOO:
+            known = ", ".join(sorted(ZOO))
+            raise CheckpointSourceError(
+                f"{ZOO_PINS_ENV} names {name!r}, no zoo file; known names are {known}."
+            )
+        pins[name] = checked_sha256(digest, f"{ZOO_PINS_ENV} {name}")
+    return pins
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file: remembered per file version in this process, read from the record a
+    download left beside it when the file has not changed since, else computed."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    if key not in _known_digests:
+        _known_digests[key] = _recorded_sha256(path, stat) or sha256_file(path)
+    return _known_digests[key]
+
+
+def _existing_file(path: Path, pins: list[str]) -> Path:
     if not path.is_file():
         raise CheckpointSourceError(
             f"Checkpoint file {path} does not exist; pass an existing file, a URL, or a zoo name "
             f"({', '.join(sorted(ZOO))})."
         )
+    _check_pins(path, pins, f"Checkpoint {path}", "pass the file the pin names or correct the pin")
     return path
 
 
-def _fetch_zoo(entry: ZooEntry, progress: bool) -> Path:
+def _fetch_zoo(entry: ZooEntry, progress: bool, pin: str | None) -> Path:
     dest = cache_dir() / entry.filename
-    # Size only: hashing a multi-GB file on every start is too slow, and the hash was checked on download.
+    pins = [digest for digest in (pin, zoo_pins().get(entry.name)) if digest is not None]
+    # Size only, unless pinned: a pin is checked against the sha256 recorded at download.
     if not _is_complete(dest, entry.size):
         _download(
             entry.download_url(),
@@ -151,13 +231,16 @@ def _fetch_zoo(entry: ZooEntry, progress: bool) -> Path:
             label=entry.name,
             expected_size=entry.size,
             sha256_prefix=entry.sha256_prefix,
+            pins=pins,
             advice=_ZOO_ADVICE,
             progress=progress,
         )
+    else:
+        _check_cached(dest, entry.name, pins)
     return dest
 
 
-def _fetch_url(url: str, progress: bool) -> Path:
+def _fetch_url(url: str, progress: bool, pins: list[str]) -> Path:
     dest = _source_cache_path(url)
     # Only verified downloads are renamed into place, so an existing file is complete; no request needed.
     if not dest.is_file():
@@ -167,13 +250,16 @@ def _fetch_url(url: str, progress: bool) -> Path:
             label=_source_basename(url),
             expected_size=None,
             sha256_prefix=None,
+            pins=pins,
             advice=_URL_ADVICE,
             progress=progress,
         )
+    else:
+        _check_cached(dest, _source_basename(url), pins)
     return dest
 
 
-def _fetch_fsspec(uri: str, progress: bool) -> Path:
+def _fetch_fsspec(uri: str, progress: bool, pins: list[str]) -> Path:
     dest = _source_cache_path(uri)
     shown = _redact(uri)
     advice = "copy it elsewhere and pass --checkpoint PATH"
@@ -183,37 +269,88 @@ def _fetch_fsspec(uri: str, progress: bool) -> Path:
     except Exception as err:  # each fsspec backend raises its own error types (botocore, gcsfs, ...)
         raise CheckpointSourceError(f"Could not read {shown} ({_reason(err)}); {advice}.") from err
     if _is_complete(dest, remote_size):
+        _check_cached(dest, dest.name, pins)
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     with _exclusive_lock(dest):
         if _is_complete(dest, remote_size):
+            _check_cached(dest, dest.name, pins)
             return dest
         _log.info("Copying %s to %s", shown, dest)
         try:
-            # The copy appears at dest only whole and of the announced size (storage's atomic write).
+            # The copy appears at dest only whole, of the announced size and of the pinned sha256.
             with storage.atomic_writer(str(dest)) as out:
-                copied = _copy_stream(filesystem, remote_path, out, dest.name, remote_size, progress)
+                copied, digest = _copy_stream(filesystem, remote_path, out, dest.name, remote_size, progress)
                 if remote_size is not None and copied != remote_size:
                     raise CheckpointSourceError(
                         f"Could not copy {shown} (got {copied} bytes, expected {remote_size}); "
                         f"the partial file was discarded; {advice}."
                     )
+                _refuse_unpinned(digest, pins, f"Could not copy {shown}", f"the copy was discarded; {advice}")
         except CheckpointSourceError:
             raise
         except Exception as err:  # see above: backend-specific error types
             raise CheckpointSourceError(f"Could not copy {shown} ({_reason(err)}); {advice}.") from err
+        _record_sha256(dest, digest, pins, label=dest.name)
     return dest
 
 
-def _copy_stream(filesystem, remote_path: str, out, label: str, size: int | None, progress: bool) -> int:
-    """Stream a remote object into `out` with a progress bar; the number of bytes copied."""
+def _copy_stream(
+    filesystem, remote_path: str, out, label: str, size: int | None, progress: bool
+) -> tuple[int, str]:
+    """Stream a remote object into `out` with a progress bar; the bytes copied and their sha256."""
     copied = 0
+    digest = hashlib.sha256()
     with filesystem.open(remote_path, "rb") as source, _progress_bar(label, size, 0, progress) as bar:
         while chunk := source.read(_CHUNK_BYTES):
             out.write(chunk)
+            digest.update(chunk)
             copied += len(chunk)
             bar.update(len(chunk))
-    return copied
+    return copied, digest.hexdigest()
+
+
+def _check_pins(path: Path, pins: list[str], what: str, advice: str) -> None:
+    if pins:
+        _refuse_unpinned(file_sha256(path), pins, what, advice)
+
+
+def _check_cached(dest: Path, label: str, pins: list[str]) -> None:
+    advice = f"delete {dest} to download it again, or correct the pin"
+    _check_pins(dest, pins, f"The cached {label}", advice)
+
+
+def _refuse_unpinned(digest: str, pins: list[str], what: str, advice: str) -> None:
+    """CheckpointSourceError unless `digest` is every pin."""
+    for pin in pins:
+        if digest != pin:
+            raise CheckpointSourceError(f"{what} has sha256 {digest}, not the pinned {pin}; {advice}.")
+
+
+def _record_sha256(
+    dest: Path, digest: str, pins: list[str], *, label: str, zoo_name: str | None = None
+) -> None:
+    """Record a new cache file's sha256 beside it and print it, with how to pin it when it is not."""
+    stat = dest.stat()
+    storage.write_bytes(str(dest) + _RECORD_SUFFIX, f"{digest} {stat.st_size} {stat.st_mtime_ns}\n".encode())
+    if pins:
+        hint = "as pinned"
+    else:
+        hint = f"pin it with --checkpoint-sha256 {digest}" + (
+            f" or {ZOO_PINS_ENV}={zoo_name}={digest}" if zoo_name else f", or SOURCE{PIN_MARK}{digest}"
+        )
+    print(f"{label}: sha256 {digest} ({hint})", file=sys.stderr)
+
+
+def _recorded_sha256(path: Path, stat: os.stat_result) -> str | None:
+    """The sha256 a download recorded beside `path`, if the file is still the one recorded."""
+    try:
+        digest, size, mtime_ns = Path(str(path) + _RECORD_SUFFIX).read_text().split()
+    except (OSError, ValueError):
+        return None
+    if _SHA256.fullmatch(digest) and (size, mtime_ns) == (str(stat.st_size), str(stat.st_mtime_ns)):
+        return digest
+    return None
 
 
 def _download(
@@ -223,6 +360,7 @@ def _download(
     label: str,
     expected_size: int | None,
     sha256_prefix: str | None,
+    pins: list[str],
     advice: str,
     progress: bool,
 ) -> None:
@@ -230,21 +368,40 @@ def _download(
     with _exclusive_lock(dest):
         # Another process may have finished this file while we waited for the lock.
         if _is_complete(dest, expected_size):
+            _check_cached(dest, label, pins)
             return
         part = _part_path(dest)
+        _warn_plain_http(url, label)
         _log.info("Downloading %s from %s to %s", label, _redact(url), dest)
         _stream_to_part(url, part, label=label, expected_size=expected_size, advice=advice, progress=progress)
-        if sha256_prefix is not None:
-            digest = sha256_file(part)
-            if not digest.startswith(sha256_prefix):
-                part.unlink()
-                raise _download_error(
-                    label,
-                    url,
-                    f"sha256 {digest[:12]}... does not start with {sha256_prefix}",
-                    f"the partial file was discarded; {advice}",
-                )
+        digest = sha256_file(part)
+        if sha256_prefix is not None and not digest.startswith(sha256_prefix):
+            part.unlink()
+            raise _download_error(
+                label,
+                url,
+                f"sha256 {digest[:12]}... does not start with {sha256_prefix}",
+                f"the partial file was discarded; {advice}",
+            )
+        try:
+            _refuse_unpinned(digest, pins, f"{label} from {_redact(url)}", f"it was discarded; {advice}")
+        except CheckpointSourceError:
+            part.unlink()  # a file of another sha256 never enters the cache, not even to resume
+            raise
         os.replace(part, dest)
+        _record_sha256(dest, digest, pins, label=label, zoo_name=label if label in ZOO else None)
+
+
+def _warn_plain_http(url: str, label: str) -> None:
+    """One warning line per URL and process: plain http can be altered on the way."""
+    shown = _redact(url)
+    if urllib.parse.urlsplit(url).scheme.lower() == "http" and shown not in _warned_plain_http:
+        _warned_plain_http.add(shown)
+        print(
+            f"warning: {label} comes over plain http ({shown}), which anyone on the way can alter: "
+            "use https, or pin its sha256 (--checkpoint-sha256, or HQSAM_ZOO_SHA256 for a mirror)",
+            file=sys.stderr,
+        )
 
 
 def _stream_to_part(

@@ -10,6 +10,7 @@ import typer
 from hqsam.jobs.options import (
     ADDRESS_OPTION,
     CHECKPOINT_OPTION,
+    CHECKPOINT_SHA256_OPTION,
     DETACH_OPTION,
     DEVICE_OPTION,
     FORWARD_ENV_OPTION,
@@ -48,6 +49,7 @@ def evaluate(
     model: Variant = MODEL_OPTION,
     checkpoint: str | None = CHECKPOINT_OPTION,
     hq_head: str | None = HQ_HEAD_OPTION,
+    checkpoint_sha256: str | None = CHECKPOINT_SHA256_OPTION,
     device: Device | None = DEVICE_OPTION,
     batch_size: int = typer.Option(4, "--batch-size", min=1, help="Images per encoder batch."),
     hq_token_only: bool = typer.Option(
@@ -81,7 +83,7 @@ def evaluate(
         data=data,
         out=out,
         model=model.value,
-        checkpoint=checkpoint_or_default(checkpoint, model),
+        checkpoint=checkpoint_or_default(checkpoint, model, checkpoint_sha256),
         hq_head=hq_head,
         device=device_or_default(device),
         batch_size=batch_size,

@@ -6,10 +6,13 @@ import time
 
 import typer
 
-from hqsam.jobs.options import fail
+from hqsam.jobs.options import HqsamCommand, HqsamGroup, fail
 
 jobs_app = typer.Typer(
-    help="List, inspect, follow and stop hqsam's jobs on a Ray cluster.", no_args_is_help=True
+    cls=HqsamGroup,
+    help="List, inspect, follow and stop hqsam's jobs on a Ray cluster.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
 )
 JOBS_ADDRESS_OPTION = typer.Option(
     None,
@@ -17,7 +20,9 @@ JOBS_ADDRESS_OPTION = typer.Option(
     envvar="RAY_ADDRESS",
     help="The cluster: dashboard URL (http://HEAD:8265) or Ray address.",
 )
-JOB_ID_ARGUMENT = typer.Argument(..., help="Submission id (raysubmit_...).")
+JOB_ID_ARGUMENT = typer.Argument(
+    ..., help="Submission id, as `hqsam jobs list` prints it (e.g. raysubmit_4LamXRuQpYdSMg7J)."
+)
 
 
 def _client(address: str | None):
@@ -28,7 +33,7 @@ def _client(address: str | None):
     return client(address)
 
 
-@jobs_app.command("list")
+@jobs_app.command("list", cls=HqsamCommand)
 def jobs_list(address: str | None = JOBS_ADDRESS_OPTION) -> None:
     """One line per submitted job, newest last: id, status, start time, command."""
     jobs = _client(address)
@@ -43,7 +48,7 @@ def jobs_list(address: str | None = JOBS_ADDRESS_OPTION) -> None:
         typer.echo(f"{job.submission_id}  {str(job.status):<9}  {started}  {command}")
 
 
-@jobs_app.command("status")
+@jobs_app.command("status", cls=HqsamCommand)
 def jobs_status(job_id: str = JOB_ID_ARGUMENT, address: str | None = JOBS_ADDRESS_OPTION) -> None:
     """Status, timing and the failure reason of one job."""
     from hqsam.pipeline.submission import ask, reason
@@ -62,7 +67,7 @@ def jobs_status(job_id: str = JOB_ID_ARGUMENT, address: str | None = JOBS_ADDRES
         typer.echo(f"message   {reason(info.message)}")
 
 
-@jobs_app.command("logs")
+@jobs_app.command("logs", cls=HqsamCommand)
 def jobs_logs(
     job_id: str = JOB_ID_ARGUMENT,
     follow_logs: bool = typer.Option(
@@ -79,7 +84,7 @@ def jobs_logs(
     write(ask(jobs.get_job_logs, job_id))
 
 
-@jobs_app.command("stop")
+@jobs_app.command("stop", cls=HqsamCommand)
 def jobs_stop(
     job_id: str = JOB_ID_ARGUMENT,
     wait: float = typer.Option(30.0, "--wait", min=0, help="Seconds to wait for the job to end."),

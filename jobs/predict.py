@@ -6,6 +6,7 @@ import typer
 
 from hqsam.jobs.options import (
     CHECKPOINT_OPTION,
+    CHECKPOINT_SHA256_OPTION,
     DEVICE_OPTION,
     HQ_HEAD_OPTION,
     MODEL_OPTION,
@@ -18,7 +19,7 @@ from hqsam.jobs.options import (
 
 def predict(
     image: str = typer.Argument(
-        ..., help="Image file or URI (PNG, JPEG, ...; gray, RGBA and 16-bit are converted)."
+        ..., help="Image file or URI, in any format Pillow reads (gray, RGBA and 16-bit are converted)."
     ),
     box: list[str] = typer.Option(
         ..., "--box", help="Box prompt x0,y0,x1,y1 in pixels; repeat for more boxes."
@@ -26,6 +27,7 @@ def predict(
     model: Variant = MODEL_OPTION,
     checkpoint: str | None = CHECKPOINT_OPTION,
     hq_head: str | None = HQ_HEAD_OPTION,
+    checkpoint_sha256: str | None = CHECKPOINT_SHA256_OPTION,
     allow_random_hq_head: bool = typer.Option(
         False,
         "--allow-random-hq-head",
@@ -50,7 +52,7 @@ def predict(
         [parse_box(text) for text in box],
         out,
         variant=model.value,
-        checkpoint=checkpoint_or_default(checkpoint, model),
+        checkpoint=checkpoint_or_default(checkpoint, model, checkpoint_sha256),
         hq_head=hq_head,
         allow_random_hq_head=allow_random_hq_head,
         device=device_or_default(device),

@@ -9,6 +9,7 @@ import typer
 from hqsam.jobs.options import (
     ADDRESS_OPTION,
     CHECKPOINT_OPTION,
+    CHECKPOINT_SHA256_OPTION,
     DETACH_OPTION,
     DEVICE_OPTION,
     FORWARD_ENV_OPTION,
@@ -47,7 +48,7 @@ IMAGES_OPTION = typer.Option(None, "--images", help=IMAGES_HELP)
 OUT_OPTION = typer.Option(..., "--out", help="Output folder or URI (local, s3://, gs://).")
 FORMAT_OPTION = typer.Option(OutputFormat.parquet, "--format", help=FORMAT_HELP)
 BATCH_SIZE_OPTION = typer.Option(
-    4, "--batch-size", min=1, help="Images per refine call (with all their boxes)."
+    4, "--batch-size", min=1, max=64, help="Images per refine call (with all their boxes)."
 )
 ACTORS_OPTION = typer.Option("1", "--actors", help=ACTORS_HELP)
 HQ_TOKEN_ONLY_OPTION = typer.Option(False, "--hq-token-only/--no-hq-token-only", help="HQ logits alone.")
@@ -65,6 +66,12 @@ IMAGES_PER_FILE_OPTION = typer.Option(
 RESUME_OPTION = typer.Option(False, "--resume", help="Continue a run: skip images already written to OUT.")
 OVERWRITE_OPTION = typer.Option(False, "--overwrite", help="Delete hqsam's files in OUT and start over.")
 LIMIT_OPTION = typer.Option(None, "--limit", min=1, help="Refine only the first N images.")
+GPU_WAIT_OPTION = typer.Option(
+    900.0,
+    "--gpu-wait-s",
+    min=0.0,
+    help="With --device cuda on an autoscaling cluster: seconds to wait for a GPU node.",
+)
 MAX_ERROR_RATE_OPTION = typer.Option(
     0.01, "--max-error-rate", min=0.0, max=1.0, help="Exit 1 when more than this share of annotations failed."
 )
@@ -94,6 +101,7 @@ def refine(
     model: Variant = MODEL_OPTION,
     checkpoint: str | None = CHECKPOINT_OPTION,
     hq_head: str | None = HQ_HEAD_OPTION,
+    checkpoint_sha256: str | None = CHECKPOINT_SHA256_OPTION,
     device: Device | None = DEVICE_OPTION,
     batch_size: int = BATCH_SIZE_OPTION,
     actors: str = ACTORS_OPTION,
@@ -109,6 +117,7 @@ def refine(
     overwrite: bool = OVERWRITE_OPTION,
     limit: int | None = LIMIT_OPTION,
     max_error_rate: float = MAX_ERROR_RATE_OPTION,
+    gpu_wait_s: float = GPU_WAIT_OPTION,
     progress: bool = PROGRESS_OPTION,
     address: str | None = ADDRESS_OPTION,
     detach: bool = DETACH_OPTION,
@@ -124,13 +133,15 @@ def refine(
     from hqsam.pipeline.refine_run import RefineConfig, exit_code, run_refine
     from hqsam.pipeline.submission import submit_if_requested
 
+    if crop_zoom is not None and not 0 < crop_zoom <= 1:
+        fail(f"--crop-zoom {crop_zoom} is outside (0, 1]: give the share of the image's long side, e.g. 0.25")
     submit_if_requested(ctx, address, detach, forward_env)
     if resume and overwrite:
         fail("--resume and --overwrite exclude each other")
     min_actors, max_actors = parse_actors(actors)
     settings = RefineSettings(
         variant=model.value,
-        checkpoint=checkpoint_or_default(checkpoint, model),
+        checkpoint=checkpoint_or_default(checkpoint, model, checkpoint_sha256),
         hq_head=hq_head,
         device=device_or_default(device),
         batch_size=batch_size,
@@ -155,6 +166,7 @@ def refine(
         overwrite=overwrite,
         limit=limit,
         max_error_rate=max_error_rate,
+        gpu_wait_s=gpu_wait_s,
     )
     summary = run_refine(config, progress=progress)
     report(summary)
@@ -167,6 +179,6 @@ def report(summary: dict) -> None:
 
     for line in summary_lines(summary):
         typer.echo(line)
-    if not summary["complete"]:
-        missing = summary["annotations_total"] - summary["annotations_written"]
+    missing = summary["annotations_total"] - summary["annotations_written"]
+    if missing > 0:  # more rows than annotations leaves none missing: never print a count below 0
         typer.secho(f"{missing} annotations have no output row", err=True, fg=typer.colors.RED)

@@ -1,6 +1,10 @@
-"""Source: turn a COCO instances file or a Parquet manifest into per-image task rows.
+"""Source: turn a COCO instances file or a Parquet manifest into task rows (schemas/refine_rows.py).
 
-The annotation file is the manifest: images are never found by listing buckets.
+The annotation file is the manifest: images are never found by listing buckets. An annotation is
+identified by its position in the file, not by its id (merged datasets repeat ids). A file whose
+structure cannot be trusted (ids that are not integers, records that are not objects, a broken
+Parquet file) is refused in one sentence before any work; a flaw that spoils only some annotations
+(an image record without a file name) becomes their status downstream (image_missing).
 """
 
 from __future__ import annotations
@@ -17,8 +21,17 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from hqsam.hqsam_core import storage
-from hqsam.hqsam_core.errors import HqsamError
+from hqsam.hqsam_core.errors import HqsamError, one_line
 from hqsam.schemas.refine_rows import IMAGE_TASK
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+ID_RULE = "ids must be whole numbers within 64 bits (1, not 1.0, '1' or true)"
+# Every row carries its annotations' masks through the chain (bit-packed: pixels / 8 bytes each),
+# so an image with many boxes is split into rows of at most this many annotations...
+MAX_ANNOTATIONS_PER_ROW = 256
+# ...and fewer on large images, so that one row's packed masks stay under 32 MiB (unpacked 256 MiB).
+ROW_MASK_PIXELS = 2**28
+ANNOTATIONS_PER_ROW_OF_UNKNOWN_SIZE = 64
 
 
 class ManifestError(HqsamError, ValueError):
@@ -27,21 +40,20 @@ class ManifestError(HqsamError, ValueError):
 
 @dataclass
 class Manifest:
-    tasks: pa.Table  # schemas.refine_rows.IMAGE_TASK, one row per image with annotations
+    tasks: pa.Table  # schemas.refine_rows.IMAGE_TASK rows
 
 
 def read_manifest(uri: str, images_root: str | None = None) -> Manifest:
     """Read COCO JSON or a Parquet manifest; `images_root` defaults to the file's folder."""
     root = storage.parent(uri) if images_root is None else images_root
+    name = storage.redact(uri)
     try:
         data = storage.read_bytes(uri)
     except FileNotFoundError:
-        raise ManifestError(f"annotation file {uri} does not exist") from None
+        raise ManifestError(f"annotation file {name} does not exist") from None
     if data[:4] == b"PAR1":
-        tasks = _tasks_from_parquet(pq.read_table(io.BytesIO(data)), root, uri)
-    else:
-        tasks = _tasks_from_coco(data, root, uri)
-    return Manifest(tasks=tasks)
+        return Manifest(tasks=_tasks_from_parquet(data, root, name))
+    return Manifest(tasks=_tasks_from_coco(data, root, name))
 
 
 def annotation_count(tasks: pa.Table) -> int:
@@ -49,7 +61,88 @@ def annotation_count(tasks: pa.Table) -> int:
     return pc.sum(pc.list_value_length(tasks["ann_ids"])).as_py() or 0
 
 
-def _tasks_from_coco(data: bytes, root: str, uri: str) -> pa.Table:
+def image_count(tasks: pa.Table) -> int:
+    """How many images the task rows hold (an image split into several rows counts once)."""
+    return pc.count_distinct(tasks["image_id"]).as_py()
+
+
+def first_images(tasks: pa.Table, count: int) -> pa.Table:
+    """The rows of the first `count` images, every row of each (an image's rows are adjacent)."""
+    ids = tasks["image_id"].to_numpy()
+    starts = np.ones(len(ids), bool)
+    starts[1:] = ids[1:] != ids[:-1]
+    return tasks.slice(0, int(np.searchsorted(np.cumsum(starts), count, side="right")))
+
+
+def duplicate_annotation_ids(tasks: pa.Table, examples: int = 5) -> dict:
+    """Annotation ids that more than one annotation carries: how many, on how many annotations,
+    and a few of them (rows are matched to annotations by position, so these are only reported)."""
+    counts = pc.value_counts(pc.list_flatten(tasks["ann_ids"]))
+    repeated = counts.filter(pc.greater(counts.field("counts"), 1))
+    return {
+        "ids": len(repeated),
+        "annotations": pc.sum(repeated.field("counts")).as_py() or 0,
+        "examples": repeated.field("values")[:examples].to_pylist(),
+    }
+
+
+def annotations_per_row(width: np.ndarray, height: np.ndarray) -> np.ndarray:
+    """The most annotations one task row of an image of this recorded size (<= 0: unknown) holds."""
+    width, height = np.clip(width, 0, 2**31), np.clip(height, 0, 2**31)
+    pixels = width * height
+    fitting = np.clip(ROW_MASK_PIXELS // np.maximum(pixels, 1), 1, MAX_ANNOTATIONS_PER_ROW)
+    return np.where(pixels > 0, fitting, ANNOTATIONS_PER_ROW_OF_UNKNOWN_SIZE)
+
+
+class _Images:
+    """The image records, one row per image id (in the order ids are first seen); annotations of an
+    id without a record get a row without a URI."""
+
+    def __init__(self, root: str, name: str) -> None:
+        self.root, self.name = root, name
+        self.row_of: dict[int, int] = {}
+        self.uris: list[str | None] = []
+        self.widths: list[int | None] = []
+        self.heights: list[int | None] = []
+
+    def add(self, image_id: int, file_name, width, height) -> int:
+        """The row of a record; a repeated id must name the same file (the last record's size wins)."""
+        uri = storage.join(self.root, file_name) if isinstance(file_name, str) and file_name else None
+        row = self.row_of.get(image_id)
+        if row is None:
+            row = self._new_row(image_id, uri)
+        elif self.uris[row] != uri:
+            raise ManifestError(
+                f"image id {image_id} has two records in {self.name} naming different files "
+                f"({self.uris[row]!r} and {uri!r})"
+            )
+        self.widths[row], self.heights[row] = _size(width), _size(height)
+        return row
+
+    def unrecorded(self, image_id: int, position: int) -> int:
+        """A row for an id without an image record, first met at annotation #`position`."""
+        if not _is_id(image_id):
+            raise ManifestError(f"annotation #{position} in {self.name} has image_id {image_id!r}: {ID_RULE}")
+        return self._new_row(image_id, None)
+
+    def _new_row(self, image_id: int, uri: str | None) -> int:
+        row = self.row_of[image_id] = len(self.uris)
+        self.uris.append(uri)
+        self.widths.append(None)
+        self.heights.append(None)
+        return row
+
+
+def _size(value) -> int | None:
+    """A recorded width or height; None (unknown) unless a positive whole number."""
+    if type(value) is int and 0 < value <= INT64_MAX:
+        return value
+    if type(value) is float and value.is_integer() and 0 < value <= 2**53:
+        return int(value)
+    return None
+
+
+def _tasks_from_coco(data: bytes, root: str, name: str) -> pa.Table:
     # A COCO-train-sized file parses into tens of millions of Python objects; the cyclic GC would
     # walk them all again and again while they are built (about half of the parse time). JSON
     # data has no cycles, so pause it; annotations are then flattened in one pass and grouped
@@ -58,11 +151,13 @@ def _tasks_from_coco(data: bytes, root: str, uri: str) -> pa.Table:
         try:
             coco = storage.parse_json(data)
         except ValueError as error:
-            raise ManifestError(f"{uri} is neither Parquet nor valid JSON ({error})") from None
+            raise ManifestError(f"{name} is neither Parquet nor valid JSON ({error})") from None
         del data
         if not isinstance(coco, dict) or not isinstance(coco.get("annotations"), list):
-            raise ManifestError(f"{uri} is not a COCO instances file: it has no 'annotations' list")
-        return _group_by_image(coco.pop("images", None) or [], coco.pop("annotations"), root, uri)
+            raise ManifestError(f"{name} is not a COCO instances file: it has no 'annotations' list")
+        images = _coco_images(coco.pop("images", None), root, name)
+        rows, columns = _flatten(coco.pop("annotations"), images, name)
+    return _group_by_image(images, rows, columns)
 
 
 @contextmanager
@@ -76,82 +171,181 @@ def _gc_paused():
             gc.enable()
 
 
-def _group_by_image(images: list, annotations: list, root: str, uri: str) -> pa.Table:
-    """One row per image id with annotations: images in file order, then ids without an image
-    record in order of appearance; within a row, annotations in file order."""
-    row_of, records = _image_rows(images)
-    rows, ids, category_ids, bboxes, iscrowd, segmentations = _flatten(annotations, row_of, records, uri)
-    del annotations
-    rows = np.asarray(rows, np.int64)
-    counts = np.bincount(rows, minlength=len(records))
-    order = np.argsort(rows, kind="stable")  # annotations grouped by row, in file order within one
-    kept = np.flatnonzero(counts).tolist()  # an image without annotations has nothing to refine
-    if not kept:
-        return pa.Table.from_pydict(_columns(), schema=IMAGE_TASK)
-    ends = np.cumsum(counts[kept])  # end of each kept row's annotations in `order`
-    image_ids, uris = (
-        list(row_of),
-        [None if r is None else storage.join(root, r["file_name"]) for r in records],
-    )
-    image_columns = [
-        pa.array([image_ids[i] for i in kept], pa.int64()),
-        pa.array([uris[i] for i in kept], pa.string()),
-        pa.array([None if records[i] is None else records[i].get("width") for i in kept], pa.int64()),
-        pa.array([None if records[i] is None else records[i].get("height") for i in kept], pa.int64()),
-    ]
-    annotation_columns = [
-        pa.array(ids, pa.int64()),
-        pa.array(category_ids, pa.int64()),
-        _boxes(bboxes),
-        pa.array([int(v or 0) for v in iscrowd], pa.int64()),
-        pa.array(segmentations, pa.string()),  # chunked when over 2 GiB of text
-    ]
-    text = np.cumsum(np.fromiter(map(len, segmentations), np.int64, len(segmentations))[order])
-    del segmentations
-    return _record_batches(image_columns, annotation_columns, order, ends, text)
+def _coco_images(records, root: str, name: str) -> _Images:
+    if records is None:
+        records = []  # no image records: every annotation is image_missing
+    if not isinstance(records, list):
+        raise ManifestError(f"'images' in {name} is {_kind(records)}, not a list of image records")
+    images = _Images(root, name)
+    for position, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise ManifestError(f"image #{position} in {name} is {_kind(record)}, not an object")
+        image_id = record.get("id")
+        if not _is_id(image_id):
+            raise ManifestError(f"image #{position} in {name} has id {image_id!r}: {ID_RULE}")
+        images.add(image_id, record.get("file_name"), record.get("width"), record.get("height"))
+    return images
 
 
-def _image_rows(images: list) -> tuple[dict, list]:
-    """Image id -> row (in the order rows are listed), and the image record of each row (the last
-    one for a repeated id)."""
-    row_of: dict = {}
-    records: list = []
-    for image in images:
-        row = row_of.setdefault(image["id"], len(records))
-        if row == len(records):
-            records.append(image)
-        else:
-            records[row] = image
-    return row_of, records
-
-
-def _flatten(annotations: list, row_of: dict, records: list, uri: str) -> tuple[list, ...]:
-    """Each annotation's row and fields, as parallel lists; an image id without a record gets a row
-    (its record None). Frees each parsed annotation as it goes."""
+def _flatten(annotations: list, images: _Images, name: str) -> tuple[np.ndarray, list[pa.Array]]:
+    """Each annotation's image row, and the annotation columns, in file order. Frees each parsed
+    annotation as it goes."""
     rows, ids, category_ids, bboxes, iscrowd, segmentations = [], [], [], [], [], []
-    dumps = orjson.dumps
+    row_of = images.row_of
     for position, annotation in enumerate(annotations):
-        if "id" not in annotation or "image_id" not in annotation:
-            raise ManifestError(f"annotation #{position} in {uri} lacks an 'id' or 'image_id'")
-        row = row_of.setdefault(annotation["image_id"], len(records))
-        if row == len(records):
-            records.append(None)
-        rows.append(row)
-        ids.append(annotation["id"])
+        try:
+            annotation_id, image_id = annotation["id"], annotation["image_id"]
+        except (KeyError, TypeError, IndexError):
+            raise ManifestError(_annotation_problem(annotation, position, name)) from None
+        if type(image_id) is not int or type(annotation_id) is not int:
+            raise ManifestError(_annotation_problem(annotation, position, name))
+        row = row_of.get(image_id)
+        rows.append(images.unrecorded(image_id, position) if row is None else row)
+        ids.append(annotation_id)
         category_ids.append(annotation.get("category_id"))
         bboxes.append(annotation.get("bbox"))
         iscrowd.append(annotation.get("iscrowd"))
-        segmentation = annotation.get("segmentation")
-        # decode() also copies the text out of orjson's over-allocated (kilobytes) output buffer
-        segmentations.append(dumps(segmentation).decode() if segmentation else "")
+        segmentations.append(_json_text(annotation.get("segmentation")))
         annotations[position] = None  # free the parsed annotation (its polygons) as we go
-    return rows, ids, category_ids, bboxes, iscrowd, segmentations
+    columns = [
+        _ids(ids, "annotation", "id", name),
+        _category_ids(category_ids),
+        _boxes(bboxes),
+        pa.array([0 if not v else _flag(v) for v in iscrowd], pa.int64()),
+        pa.array(segmentations, pa.string()),  # chunked when over 2 GiB of text
+    ]
+    return np.asarray(rows, np.int64), columns
+
+
+def _json_text(segmentation) -> str:
+    if not segmentation:
+        return ""
+    try:
+        # decode() also copies the text out of orjson's over-allocated (kilobytes) output buffer
+        return orjson.dumps(segmentation).decode()
+    except TypeError:  # an integer beyond 64 bits: not a segmentation any decoder reads
+        return "null"
+
+
+def _annotation_problem(annotation, position: int, name: str) -> str:
+    what = f"annotation #{position} in {name}"
+    if not isinstance(annotation, dict):
+        return f"{what} is {_kind(annotation)}, not an object"
+    for key in ("id", "image_id"):
+        if key not in annotation or annotation[key] is None:
+            return f"{what} has no '{key}'"
+        if not _is_id(annotation[key]):
+            return f"{what} has {key} {annotation[key]!r}: {ID_RULE}"
+    return f"{what} cannot be read"
+
+
+def _is_id(value) -> bool:
+    return type(value) is int and INT64_MIN <= value <= INT64_MAX
+
+
+_KINDS = {
+    dict: "an object",
+    list: "a list",
+    str: "text",
+    bool: "a boolean",
+    int: "a number",
+    float: "a number",
+}
+
+
+def _kind(value) -> str:
+    """What a JSON value is, in words, with the start of its text."""
+    if value is None:
+        return "null"
+    return f"{_KINDS.get(type(value), type(value).__name__)} ({str(value)[:40]!r})"
+
+
+def _ids(values: list, record: str, key: str, name: str) -> pa.Array:
+    """Integer ids as int64; one beyond 64 bits refuses the file."""
+    try:
+        return pa.array(values, pa.int64())
+    except (OverflowError, pa.ArrowException):
+        position = next(i for i, value in enumerate(values) if not _is_id(value))
+        raise ManifestError(
+            f"{record} #{position} in {name} has {key} {values[position]!r}: {ID_RULE}"
+        ) from None
+
+
+def _category_ids(values: list) -> pa.Array:
+    try:
+        return pa.array(values, pa.int64())
+    except (OverflowError, pa.ArrowException):  # not part of an annotation's identity: null
+        return pa.array([v if _is_id(v) else None for v in values], pa.int64())
+
+
+def _flag(value) -> int:
+    """iscrowd as 0 or 1: anything but a non-zero number or true is 0."""
+    return int(value is True or (type(value) in (int, float) and value == value and value != 0))
+
+
+def _boxes(values: list) -> pa.Array:
+    """`_box` of every value as a list<double> array; one numpy conversion when all are 4 numbers."""
+    try:
+        array = np.array(values)
+    except (ValueError, TypeError, OverflowError):
+        array = None
+    if array is not None and array.ndim == 2 and array.shape[1] == 4 and array.dtype.kind in "iuf":
+        flat = pa.array(array.astype(np.float64).reshape(-1))
+        return pa.ListArray.from_arrays(pa.array(np.arange(0, len(flat) + 1, 4), pa.int32()), flat)
+    return pa.array([_box(value) for value in values], pa.list_(pa.float64()))
+
+
+def _box(value) -> list[float]:
+    if not isinstance(value, list | tuple) or len(value) != 4:
+        return []
+    try:
+        return [float(v) for v in value]
+    except (TypeError, ValueError, OverflowError):
+        return []
+
+
+def _group_by_image(images: _Images, rows: np.ndarray, annotation_columns: list) -> pa.Table:
+    """Task rows: images in the order of `images`' rows, each image's annotations in file order,
+    split into rows of at most `annotations_per_row`; `rows` is each annotation's image row."""
+    counts = np.bincount(rows, minlength=len(images.uris))
+    order = np.argsort(rows, kind="stable")  # annotations grouped by image, in file order within one
+    kept = np.flatnonzero(counts)  # an image without annotations has nothing to refine
+    if not len(kept):
+        return IMAGE_TASK.empty_table()
+    image_columns = [
+        pa.array(list(images.row_of), pa.int64()).take(kept),  # ids in the order rows were made
+        pa.array(images.uris, pa.string()).take(kept),
+        pa.array(images.widths, pa.int64()).take(kept),
+        pa.array(images.heights, pa.int64()).take(kept),
+    ]
+    limits = annotations_per_row(
+        *(pc.fill_null(column, 0).to_numpy().astype(np.int64) for column in image_columns[2:])
+    )
+    image_of_row, ends = _split(counts[kept], limits)
+    if len(image_of_row) > len(kept):
+        image_columns = [column.take(image_of_row) for column in image_columns]
+    annotation_columns.insert(1, pa.array(np.arange(len(rows), dtype=np.int64)))  # ann_indices
+    lengths = pc.binary_length(annotation_columns[-1]).to_numpy()
+    text = np.cumsum(np.asarray(lengths, np.int64)[order])
+    return _record_batches(image_columns, annotation_columns, order, ends, text)
+
+
+def _split(counts: np.ndarray, limits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each task row's image (index into `counts`) and the end of its annotations, counted over
+    all images' annotations in order; image i's `counts[i]` annotations go `limits[i]` at a time."""
+    pieces = -(-counts // limits)
+    image_of_row = np.repeat(np.arange(len(counts)), pieces)
+    piece = np.arange(len(image_of_row)) - np.repeat(np.cumsum(pieces) - pieces, pieces)
+    image_ends = np.cumsum(counts)
+    starts = (image_ends - counts)[image_of_row]
+    ends = np.minimum(starts + (piece + 1) * limits[image_of_row], image_ends[image_of_row])
+    return image_of_row, ends
 
 
 def _record_batches(
     image_columns: list, annotation_columns: list, order: np.ndarray, ends: np.ndarray, text: np.ndarray
 ) -> pa.Table:
-    """The task table: kept row i holds annotations order[ends[i-1]:ends[i]]; `text` is the running
+    """The task table: row i holds annotations order[ends[i-1]:ends[i]]; `text` is the running
     length of the segmentation text in that order.
 
     Rows go into record batches of under 1 GiB of segmentation text each, so that no list<string>
@@ -172,52 +366,127 @@ def _record_batches(
     return pa.Table.from_batches(batches, schema=IMAGE_TASK)
 
 
-def _boxes(values: list) -> pa.Array:
-    """`_box` of every value as a list<double> array; one numpy conversion when all are 4 numbers."""
+# ---------------------------------------------------------------- Parquet manifests
+
+
+def _tasks_from_parquet(data: bytes, root: str, name: str) -> pa.Table:
     try:
-        array = np.array(values)
-    except (ValueError, TypeError, OverflowError):
-        array = None
-    if array is not None and array.ndim == 2 and array.shape[1] == 4 and array.dtype.kind in "iuf":
-        flat = pa.array(array.astype(np.float64).reshape(-1))
-        return pa.ListArray.from_arrays(pa.array(np.arange(0, len(flat) + 1, 4), pa.int32()), flat)
-    return pa.array([_box(value) for value in values], pa.list_(pa.float64()))
-
-
-def _tasks_from_parquet(table: pa.Table, root: str, uri: str) -> pa.Table:
+        table = pq.read_table(io.BytesIO(data))
+    except (pa.ArrowException, OSError) as error:
+        raise ManifestError(
+            f"{name} starts like Parquet but is no readable Parquet file ({one_line(error)})"
+        ) from None
     missing = {"image_id", "image_uri", "annotations"} - set(table.column_names)
     if missing:
-        raise ManifestError(f"{uri} is not an hqsam Parquet manifest: columns {sorted(missing)} are missing")
-    columns = _columns()
-    for row in table.to_pylist():
-        uri = storage.join(root, row["image_uri"])
-        annotations = row["annotations"] or []
-        _add_task(columns, row["image_id"], uri, row.get("width"), row.get("height"), annotations)
-    return pa.Table.from_pydict(columns, schema=IMAGE_TASK)
+        raise ManifestError(f"{name} is not an hqsam Parquet manifest: columns {sorted(missing)} are missing")
+    images, image_rows = _parquet_images(table, root, name)
+    annotations = table["annotations"]
+    if not pa.types.is_list(annotations.type) and not pa.types.is_large_list(annotations.type):
+        raise _column_error(name, "annotations", annotations.type, "a list of annotation structs")
+    values = pc.list_flatten(annotations)  # null lists hold no annotations
+    if not pa.types.is_struct(values.type):
+        raise _column_error(name, "annotations", annotations.type, "a list of annotation structs")
+    rows = image_rows[pc.list_parent_indices(annotations).to_numpy()]
+    return _group_by_image(images, rows, _parquet_annotation_columns(values, name))
 
 
-def _columns() -> dict[str, list]:
-    return {field.name: [] for field in IMAGE_TASK}
+def _parquet_images(table: pa.Table, root: str, name: str) -> tuple[_Images, np.ndarray]:
+    """The image records, and the image row of each manifest row: rows that repeat an image id
+    are one image, as in a COCO file."""
+    image_ids = _integer_column(table["image_id"], "image_id", name)
+    if image_ids.null_count:
+        row = pc.index(pc.is_null(image_ids), True).as_py()
+        raise ManifestError(f"row #{row} of {name} has no image_id")
+    uris = table["image_uri"]
+    if not (
+        pa.types.is_string(uris.type) or pa.types.is_large_string(uris.type) or pa.types.is_null(uris.type)
+    ):
+        raise _column_error(name, "image_uri", uris.type, "text")
+    sizes = [_size_column(table, key, name) for key in ("width", "height")]
+    images = _Images(root, name)
+    rows = [
+        images.add(image_id, uri, width, height)
+        for image_id, uri, width, height in zip(image_ids.to_pylist(), uris.to_pylist(), *sizes)
+    ]
+    return images, np.asarray(rows, np.int64)
 
 
-def _add_task(columns, image_id, uri, width, height, annotations: list[dict]) -> None:
-    if not annotations:
-        return  # an image without annotations has nothing to refine and no row to write
-    columns["image_id"].append(image_id)
-    columns["image_uri"].append(uri)
-    columns["width"].append(width)
-    columns["height"].append(height)
-    columns["ann_ids"].append([a["id"] for a in annotations])
-    columns["category_ids"].append([a.get("category_id") for a in annotations])
-    columns["bboxes"].append([_box(a.get("bbox")) for a in annotations])
-    columns["iscrowd"].append([int(a.get("iscrowd") or 0) for a in annotations])
-    columns["segmentations"].append([a.get("segmentation") or "" for a in annotations])
+def _size_column(table: pa.Table, key: str, name: str) -> list:
+    if key not in table.column_names:
+        return [None] * table.num_rows
+    column = table[key]
+    if not (
+        pa.types.is_integer(column.type) or pa.types.is_floating(column.type) or pa.types.is_null(column.type)
+    ):
+        raise _column_error(name, key, column.type, "a number of pixels")
+    return column.to_pylist()
 
 
-def _box(value) -> list[float]:
-    if not isinstance(value, list | tuple) or len(value) != 4:
-        return []
+def _parquet_annotation_columns(values: pa.ChunkedArray, name: str) -> list:
+    """The annotation columns of `_flatten` from the manifest's flattened annotation structs."""
+    fields = {field.name for field in values.type}
+    if "id" not in fields:
+        raise ManifestError(f"{name} is not an hqsam Parquet manifest: its annotations have no 'id'")
+    ids = _integer_column(pc.struct_field(values, "id"), "annotations.id", name)
+    if ids.null_count:
+        position = pc.index(pc.is_null(ids), True).as_py()
+        raise ManifestError(f"annotation #{position} in {name} has no 'id'")
+    count = len(values)
+    category_ids = pa.nulls(count, pa.int64())
+    if "category_id" in fields:
+        category_ids = _integer_column(
+            pc.struct_field(values, "category_id"), "annotations.category_id", name
+        )
+    bboxes = pa.array([[]] * count, pa.list_(pa.float64()))
+    if "bbox" in fields:
+        bboxes = _parquet_boxes(pc.struct_field(values, "bbox"), name)
+    iscrowd = pa.array(np.zeros(count, np.int64))
+    if "iscrowd" in fields:
+        iscrowd = _parquet_flags(pc.struct_field(values, "iscrowd"), name)
+    segmentations = pa.array([""] * count, pa.string())
+    if "segmentation" in fields:
+        segmentations = _parquet_segmentations(pc.struct_field(values, "segmentation"), name)
+    return [ids, category_ids, bboxes, iscrowd, segmentations]
+
+
+def _integer_column(column, key: str, name: str):
+    """An integer (or all-null) column as int64; ids are never taken from floats or text."""
+    if pa.types.is_null(column.type):
+        return column.cast(pa.int64())
+    if not pa.types.is_integer(column.type):
+        raise _column_error(name, key, column.type, "whole numbers")
     try:
-        return [float(v) for v in value]
-    except (TypeError, ValueError):
-        return []
+        return column.cast(pa.int64())
+    except pa.ArrowInvalid:
+        raise ManifestError(f"column {key} of {name} holds values beyond 64 bits: {ID_RULE}") from None
+
+
+def _parquet_boxes(column, name: str) -> pa.Array:
+    kind = column.type
+    if pa.types.is_null(kind):
+        return pa.array([[]] * len(column), pa.list_(pa.float64()))
+    listed = pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)
+    if not listed or not (pa.types.is_integer(kind.value_type) or pa.types.is_floating(kind.value_type)):
+        raise _column_error(name, "annotations.bbox", kind, "a list of 4 numbers")
+    return _boxes(column.to_pylist())
+
+
+def _parquet_flags(column, name: str) -> pa.Array:
+    if not (
+        pa.types.is_integer(column.type) or pa.types.is_boolean(column.type) or pa.types.is_null(column.type)
+    ):
+        raise _column_error(name, "annotations.iscrowd", column.type, "0 or 1")
+    flags = pc.fill_null(column.cast(pa.int64()), 0)
+    return pc.cast(pc.not_equal(flags, 0), pa.int64())
+
+
+def _parquet_segmentations(column, name: str) -> pa.Array:
+    if pa.types.is_null(column.type):
+        return pa.array([""] * len(column), pa.string())
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        raise _column_error(name, "annotations.segmentation", column.type, "COCO segmentation as JSON text")
+    return pc.fill_null(column.cast(pa.string()), "")
+
+
+def _column_error(name: str, key: str, found: pa.DataType, wanted: str) -> ManifestError:
+    return ManifestError(f"column {key} of {name} is {found}, not {wanted} (schemas/manifest.py)")

@@ -24,7 +24,7 @@ class ReadImages(Stage):
 
 def _read(image_id: int, uri: str | None) -> tuple[bytes, Status, str]:
     if uri is None:
-        return b"", Status.IMAGE_MISSING, f"no image record for image_id {image_id}"
+        return b"", Status.IMAGE_MISSING, f"no image record with a file name for image_id {image_id}"
     try:
         return storage.read_bytes(uri), Status.OK, ""
     except (FileNotFoundError, IsADirectoryError):

@@ -57,8 +57,8 @@ def source_blocks(tasks: pa.Table, batch_size: int) -> list[pa.Table]:
 
 
 def build_refine_dataset(tasks: pa.Table, out: str, settings: RefineSettings):
-    """A lazy Ray dataset whose rows are (image_id, statuses) for each image written to `out`."""
+    """A lazy Ray dataset whose rows are (image_id, statuses) for each task row written to `out`."""
     import ray
 
     source = ray.data.from_arrow(source_blocks(tasks, settings.batch_size))
-    return apply_ray(source, refine_stages(out, settings))
+    return apply_ray(source, refine_stages(out, settings), keep_going=True)

@@ -9,6 +9,17 @@ and drops (the rows themselves are declared in `schemas/`). The same chain of st
 
 Heavy state (a model) is built in `setup()`, which runs once where the stage runs (on the actor under
 Ray), so a stage object itself stays small enough to pickle.
+
+Fault tolerance under Ray (Ray Data's own defaults retry without limit, so one input that kills its
+worker, a native crash, would be retried for ever and the run would hang):
+
+- a task whose worker dies (a segfault, the OOM killer, a lost node) is retried TASK_RETRIES times,
+  on any node; the lost outputs of finished tasks are rebuilt from their inputs within the same bound;
+- an actor whose process or node dies is restarted, on any node, up to ACTOR_RESTARTS times, and the
+  call it was running is retried up to ACTOR_CALL_RETRIES times: once per death, and about once a
+  second while the actor's node is lost but not yet known dead, so these must span that detection;
+- with `keep_going`, a block that still fails is dropped and the run goes on; the caller accounts for
+  the rows it did not write (pipeline/write_leftovers.py). Without it the run raises.
 """
 
 from __future__ import annotations
@@ -19,6 +30,11 @@ from typing import Any, ClassVar
 import numpy as np
 
 Row = dict[str, Any]
+
+TASK_RETRIES = 2  # tries after the first of a task whose worker died
+ACTOR_CALL_RETRIES = 10  # tries after the first of a call on an actor that died or is unreachable
+# Restarts of one actor: a lost node costs one, an input that kills the actor ACTOR_CALL_RETRIES + 1.
+ACTOR_RESTARTS = 4 * (ACTOR_CALL_RETRIES + 1)
 
 
 class Stage:
@@ -71,10 +87,13 @@ def _local(stage: Stage, rows: Iterable[Row]) -> Iterator[Row]:
         yield from stage.process(batch)
 
 
-def apply_ray(dataset, stages: list[Stage]):
-    """`dataset` with the chain appended as Ray Data operators (lazy)."""
+def apply_ray(dataset, stages: list[Stage], *, keep_going: bool = False):
+    """`dataset` with the chain appended as Ray Data operators (lazy), retries bounded (see above).
+
+    `keep_going`: a block that fails after its retries is dropped, not fatal: the run goes on and
+    the caller accounts for its rows."""
     for stage in stages:
-        options = stage.ray_options()
+        options = retry_options(stage) | stage.ray_options()
         if stage.on_actor:
             dataset = dataset.map_batches(
                 _BatchOnActor,
@@ -89,7 +108,16 @@ def apply_ray(dataset, stages: list[Stage]):
             )
         else:
             dataset = dataset.flat_map(_row_task(stage), **options)
+    if keep_going:
+        dataset.context.max_errored_blocks = -1  # this dataset's copy of the context, not the driver's
     return dataset
+
+
+def retry_options(stage: Stage) -> dict[str, int]:
+    """Ray options bounding the retries of the stage's tasks, or its actors' restarts and calls."""
+    if stage.on_actor:
+        return {"max_restarts": ACTOR_RESTARTS, "max_task_retries": ACTOR_CALL_RETRIES}
+    return {"max_retries": TASK_RETRIES}
 
 
 class _BatchOnActor:

@@ -12,13 +12,15 @@ How the job gets hqsam's code and a Python to run it (the choices, and why):
   temporary folder `hqsam/` holding copies of the `.py` files of the four installed packages
   (hqsam_core, pipeline, jobs, schemas), found from where Python imports them, so an editable
   install and a built wheel ship alike. Ray uploads it once per content hash and puts it first on
-  the PYTHONPATH of the driver and of every worker, so the cluster runs exactly the client's code,
-  even over an older hqsam installed there. Nothing else is uploaded (no `working_dir`), so nothing
-  from a checkout (.env files, keys, data) can leak to the cluster. The dependencies (torch,
-  segment-anything, ray) come from the cluster's own install: cluster.yaml's setup commands
-  pip-install hqsam-refine at this version, which brings them. `pip` in the runtime_env was not
-  chosen: it builds a virtualenv and reinstalls torch on every node for every new environment,
-  minutes per job.
+  the PYTHONPATH of the driver and of every worker, so the cluster runs exactly the client's code
+  and needs no hqsam installed. Nothing else is uploaded (no `working_dir`): only regular `.py`
+  files, none under a hidden folder and no symlink, so nothing from a checkout (.env files, .aws/,
+  .netrc, keys, data) can leak to the cluster. The dependencies (torch, segment-anything, ray)
+  come from the cluster's own install: the nodes pip-install deploy/cluster-requirements.txt
+  (cluster.yaml's setup commands; the KubeRay manifest's runtime_env). `pip` in the submitted
+  runtime_env was not chosen: it builds a virtualenv and reinstalls torch on every node for every
+  new environment, minutes per job. `write_code_archive` packs the same files into a zip for a
+  runtime_env that names its py_modules by URI (deploy/kuberay-refine-job.yaml).
 * Interpreter: Ray runs the entrypoint with `/bin/sh` and the raylet's PATH, whose `python` need not
   be the one Ray runs on (a head started from an unactivated virtualenv sees the system python). So
   the entrypoint names its interpreter: $HQSAM_CLUSTER_PYTHON when set (a path on the cluster
@@ -31,7 +33,8 @@ How the job gets hqsam's code and a Python to run it (the choices, and why):
   command runs in-process and `ray.init()` attaches to the cluster the job is on (RAY_ADDRESS).
 * Secrets: nothing from the local environment travels unless named with `--forward-env NAME`; the
   values go into the runtime_env (visible to whoever can read the cluster's job table), only the
-  names are printed.
+  names are printed. URLs in the command are redacted (storage.redact) in the job's metadata and
+  in every line printed here; the entrypoint itself must carry them as given.
 
 This module knows no CLI framework: `ctx` is the running command's click context (typer.Context),
 read through its public attributes only.
@@ -42,7 +45,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import hashlib
 import importlib.util
+import io
 import os
 import shlex
 import shutil
@@ -51,10 +56,12 @@ import sys
 import tempfile
 import time
 import urllib.parse
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from hqsam.hqsam_core.errors import HqsamError, one_line
+from hqsam.hqsam_core.storage import redact
 from hqsam.pipeline.cluster import IN_JOB_ENV, in_ray_job
 
 CLUSTER_PYTHON_ENV = "HQSAM_CLUSTER_PYTHON"
@@ -178,8 +185,8 @@ def entrypoint(argv: list[str], address: str) -> str:
     cd = f"cd {shlex.quote(os.getcwd())} 2>/dev/null; " if local else ""
     missing = (
         f"hqsam: none of {', '.join(candidates)} on the cluster imports ray and hqsam's dependencies: "
-        f"install hqsam-refine on the nodes (cluster.yaml setup_commands) or set {CLUSTER_PYTHON_ENV} "
-        "to a Python that has them"
+        "install deploy/cluster-requirements.txt on the nodes (cluster.yaml setup_commands) or set "
+        f"{CLUSTER_PYTHON_ENV} to a Python that has them"
     )
     return (
         f"{cd}for py in {shlex.join(candidates)}; do "
@@ -199,19 +206,48 @@ def package_folders() -> dict[str, Path]:
     return folders
 
 
+def code_files(folder: Path) -> Iterator[Path]:
+    """The `.py` files of a package folder that ship with a job: regular files only, none under a
+    hidden or cache folder, no symlink and nothing outside the folder (a link could point at
+    ~/.aws/credentials)."""
+    root = folder.resolve()
+    for source in sorted(folder.rglob("*.py")):
+        relative = source.relative_to(folder)
+        hidden = any(part.startswith(".") or part == "__pycache__" for part in relative.parts)
+        regular = source.is_file() and not source.is_symlink()
+        if not hidden and regular and source.resolve().is_relative_to(root):
+            yield source
+
+
 @contextlib.contextmanager
-def staged_code() -> Iterator[str]:
-    """A temporary folder `hqsam/` holding copies of the packages' `.py` files: the job's py_modules."""
+def staged_code(folders: dict[str, Path] | None = None) -> Iterator[str]:
+    """A temporary folder `hqsam/` holding copies of the packages' shipped `.py` files (code_files):
+    the job's py_modules. `folders` (package name -> folder) defaults to where Python imports them."""
     with tempfile.TemporaryDirectory(prefix="hqsam-job-") as temp:
         staged = Path(temp) / "hqsam"
-        for name, folder in package_folders().items():
-            for source in folder.rglob("*.py"):
-                if "__pycache__" in source.parts:
-                    continue
+        for name, folder in (folders or package_folders()).items():
+            for source in code_files(folder):
                 target = staged / name / source.relative_to(folder)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(source, target)
         yield str(staged)
+
+
+def write_code_archive(folder: str | os.PathLike[str]) -> Path:
+    """Write the shipped code as `folder/hqsam-code-<sha256 prefix>.zip` for a py_modules URI
+    (s3://, https://, file://); returns its path. One top folder, `hqsam-code/`, which Ray strips on
+    unpacking, holds `hqsam/...`, which goes on the PYTHONPATH. The bytes depend on the code only,
+    so the name changes with the code: Ray caches a py_modules URI by its name."""
+    buffer = io.BytesIO()
+    with staged_code() as code, zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for source in sorted(Path(code).rglob("*.py")):
+            name = f"hqsam-code/hqsam/{source.relative_to(code).as_posix()}"
+            archive.writestr(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), source.read_bytes())
+    data = buffer.getvalue()
+    path = Path(folder) / f"hqsam-code-{hashlib.sha256(data).hexdigest()[:12]}.zip"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
 
 
 def runtime_env(forward_env: list[str], code: str) -> dict:
@@ -248,7 +284,9 @@ def client(address: str):
     try:
         return JobSubmissionClient(address)
     except (ConnectionError, ValueError, RuntimeError) as error:
-        raise RayJobError(f"Cannot reach the Ray job server at {address}: {_first_line(error)}") from None
+        raise RayJobError(
+            f"Cannot reach the Ray job server at {redact(address)}: {_first_line(error)}"
+        ) from None
     finally:
         for name, value in saved.items():
             if value is None:
@@ -260,7 +298,8 @@ def client(address: str):
 def submit(argv: list[str], address: str, *, detach: bool, forward_env: list[str]) -> int:
     """Submit `hqsam <argv>` to the cluster; follow it unless detach. Returns the exit code."""
     jobs = client(address)
-    command = shlex.join(["hqsam", *argv])
+    command = shown_command(argv)
+    shown_address = redact(address)
     with staged_code() as code:
         env = runtime_env(forward_env, code)
         try:
@@ -268,13 +307,18 @@ def submit(argv: list[str], address: str, *, detach: bool, forward_env: list[str
                 entrypoint=entrypoint(argv, address), runtime_env=env, metadata={"hqsam": command}
             )
         except (RuntimeError, ValueError, OSError) as error:  # e.g. the code upload was refused
-            raise RayJobError(f"Could not submit to {address}: {one_line(error)}") from None
-    print(f"submitted {job_id} to {address}: {command} [{describe_runtime_env(env)}]", file=sys.stderr)
+            raise RayJobError(f"Could not submit to {shown_address}: {one_line(error)}") from None
+    print(f"submitted {job_id} to {shown_address}: {command} [{describe_runtime_env(env)}]", file=sys.stderr)
     if detach:
         print(job_id)
-        print(f"follow it with: hqsam jobs logs {job_id} --follow --address {address}", file=sys.stderr)
+        print(f"follow it with: hqsam jobs logs {job_id} --follow --address {shown_address}", file=sys.stderr)
         return 0
-    return follow(jobs, job_id, address)
+    return follow(jobs, job_id, shown_address)
+
+
+def shown_command(argv: list[str]) -> str:
+    """`hqsam <argv>` as recorded in the job's metadata and printed: every URL redacted."""
+    return shlex.join(["hqsam", *(redact(arg) for arg in argv)])
 
 
 def ask(call: Callable, *args):

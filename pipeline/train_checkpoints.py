@@ -83,14 +83,20 @@ def latest_checkpoint(out: str) -> str:
     return best
 
 
-def export_run(out: str, checkpoint: str | None = None) -> dict:
+def export_run(
+    out: str, checkpoint: str | None = None, *, base: tuple[str, str | None] | None = None
+) -> dict:
     """Write OUT/hq_head.pth, OUT/model.pth and OUT/metrics.json from a checkpoint folder of OUT
-    (default: the latest); returns the summary written to metrics.json."""
+    (default: the latest); returns the summary written to metrics.json.
+
+    `base` is the run's (checkpoint, hq_head) as given: the recorded ones are redacted URLs, which
+    serve `hqsam export` only when they carry no credentials."""
     out = out.rstrip("/")
     config = read_config(out)
     checkpoint = checkpoint or latest_checkpoint(out)
     state = read_checkpoint(checkpoint)
-    model = load_base(config["model"], config["checkpoint"], config["hq_head"])
+    base_checkpoint, base_hq_head = base or (config["checkpoint"], config["hq_head"])
+    model = load_base(config["model"], base_checkpoint, base_hq_head)
     expected = {k for k in model.state_dict() if is_hq_key(k)}
     if set(state["hq_state"]) != expected:
         raise TrainError(f"{checkpoint} does not hold the HQ head of a {config['model']} model")

@@ -7,10 +7,15 @@ from dataclasses import asdict, dataclass, field
 
 from hqsam.hqsam_core import storage
 from hqsam.hqsam_core.errors import HqsamError
+from hqsam.hqsam_core.version import versions
+from hqsam.hqsam_core.zoo import split_pin
 
 CONFIG_FILE = "train_config.json"
 # Settings that must not change between a run and its resumption: they define what is trained.
 RUN_IDENTITY = ("model", "checkpoint", "hq_head")
+# Recorded redacted: a signed or credentialed URL carries its secret.
+URI_SETTINGS = ("out", "checkpoint", "hq_head")
+URI_LIST_SETTINGS = ("data", "val")
 PRECISIONS = ("fp32", "bf16")
 DEVICES = ("cpu", "cuda")
 
@@ -61,21 +66,48 @@ def config_uri(out: str) -> str:
 
 
 def record_config(config: TrainConfig) -> None:
-    """Write OUT/train_config.json, or check that an existing run in OUT trains the same thing."""
+    """Write OUT/train_config.json, or check that an existing run in OUT trains the same thing.
+
+    URIs are recorded redacted (storage.redact): the record never holds a credential or signature."""
     uri = config_uri(config.out)
-    current = asdict(config)
+    current = recorded(config)
     if storage.exists(uri):
         previous = storage.read_json(uri)
-        changed = [key for key in RUN_IDENTITY if previous.get(key) != current.get(key)]
+        changed = [key for key in RUN_IDENTITY if not _same_source(previous.get(key), current.get(key))]
         if changed:
             raise TrainError(
-                f"{config.out} holds a run with another {changed[0]} ({previous.get(changed[0])!r}); "
+                f"{storage.redact(config.out)} holds a run with another {changed[0]} ({previous.get(changed[0])!r}); "
                 "pass a new --out or the same settings to resume it"
             )
         current["started"] = previous.get("started")
     else:
         current["started"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    current["versions"] = versions()
     storage.write_json(uri, current)
+
+
+def recorded(config: TrainConfig) -> dict:
+    """The settings as train_config.json records them: every URI redacted."""
+    record = asdict(config)
+    for key in URI_SETTINGS:
+        record[key] = storage.redact(record[key])
+    for key in URI_LIST_SETTINGS:  # SOURCE::options: the options are no part of the URI
+        record[key] = [_redact_source(text) for text in record[key]]
+    return record
+
+
+def _redact_source(text: str) -> str:
+    uri, separator, options = text.partition("::")
+    return storage.redact(uri) + separator + options
+
+
+def _same_source(previous, current) -> bool:
+    """Whether two recorded values name the same thing; a sha256 pin added or dropped on resuming
+    keeps the source (the pin is checked where the file is fetched), two different pins do not."""
+    if previous == current or not (isinstance(previous, str) and isinstance(current, str)):
+        return previous == current
+    (previous_source, previous_pin), (source, pin) = split_pin(previous), split_pin(current)
+    return previous_source == source and None in (previous_pin, pin)
 
 
 def read_config(out: str) -> dict:
@@ -83,4 +115,6 @@ def read_config(out: str) -> dict:
     try:
         return storage.read_json(config_uri(out))
     except FileNotFoundError:
-        raise TrainError(f"{out} is not an `hqsam train` run: it has no {CONFIG_FILE}") from None
+        raise TrainError(
+            f"{storage.redact(out)} is not an `hqsam train` run: it has no {CONFIG_FILE}"
+        ) from None

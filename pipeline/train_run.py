@@ -62,7 +62,7 @@ def run_train(config: TrainConfig, *, progress: bool = True) -> dict:
     if result.checkpoint is not None:  # a folder of OUT: Ray Train's run folder is OUT itself
         name = posixpath.basename(result.checkpoint.path.rstrip("/"))
         checkpoint = storage.join(storage.absolute(config.out.rstrip("/")), name)
-    summary = export_run(config.out, checkpoint)
+    summary = export_run(config.out, checkpoint, base=(config.checkpoint, config.hq_head))
     summary.update(
         samples_per_epoch=data.rows.num_rows,
         samples_per_source=data.counts,

@@ -7,12 +7,13 @@ from typing import IO
 import orjson
 
 from hqsam.hqsam_core import storage
+from hqsam.hqsam_core.errors import HqsamError
 from hqsam.pipeline.read_refined import read_parts
 from hqsam.schemas.status import Status
 
 RESULT_COLUMNS = [
     "image_id",
-    "annotation_id",
+    "ann_index",
     "bbox",
     "area",
     "segmentation",
@@ -23,14 +24,20 @@ RESULT_COLUMNS = [
 ]
 
 
+class OutputMismatchError(HqsamError):
+    """OUT's rows were not refined from this annotation file."""
+
+
 def write_coco(annotations_uri: str, out: str, *, only_processed_images: bool = False) -> str:
     """Write OUT/annotations.json from the input file and OUT's part files; returns its URI.
 
     Refined annotations get the new RLE, with `area` and `bbox` taken from it, and an `hqsam`
-    object; failed ones keep their original segmentation. Unknown fields are kept.
+    object; failed ones keep their original segmentation. Unknown fields are kept. A row goes to
+    the annotation at its position in the file (ids may repeat), which must be on the row's image.
     """
     results = read_parts(out, RESULT_COLUMNS).to_pydict()
     coco = storage.read_json(annotations_uri)
+    _check_positions(results, coco.get("annotations") or [], annotations_uri)
     processed = set(results["image_id"]) if only_processed_images else None
     uri = f"{out.rstrip('/')}/annotations.json"
     with storage.atomic_writer(uri) as handle:
@@ -40,7 +47,7 @@ def write_coco(annotations_uri: str, out: str, *, only_processed_images: bool = 
 
 def _write(handle: IO[bytes], coco: dict, results: dict, processed: set | None) -> None:
     """`coco` as JSON with the results applied; only the `processed` images when given."""
-    position = {annotation_id: i for i, annotation_id in enumerate(results["annotation_id"])}
+    row_at = {position: i for i, position in enumerate(results["ann_index"])}
     handle.write(b"{")
     for key, value in coco.items():
         if key == "annotations":
@@ -50,8 +57,8 @@ def _write(handle: IO[bytes], coco: dict, results: dict, processed: set | None) 
         handle.write(orjson.dumps(key) + b":" + orjson.dumps(value) + b",")
     handle.write(b'"annotations":[')
     first = True
-    for annotation in coco.get("annotations") or []:
-        i = position.get(annotation.get("id"))
+    for position, annotation in enumerate(coco.get("annotations") or []):
+        i = row_at.get(position)
         if i is None and processed is not None:
             continue
         if i is not None:
@@ -59,6 +66,16 @@ def _write(handle: IO[bytes], coco: dict, results: dict, processed: set | None) 
         handle.write((b"" if first else b",\n") + orjson.dumps(annotation))
         first = False
     handle.write(b"]}\n")
+
+
+def _check_positions(results: dict, annotations: list, uri: str) -> None:
+    """Every row's position holds an annotation of the row's image, or OUT is another file's."""
+    for position, image_id in zip(results["ann_index"], results["image_id"]):
+        if position >= len(annotations) or annotations[position].get("image_id") != image_id:
+            raise OutputMismatchError(
+                f"OUT holds a row for annotation #{position} of image {image_id}, which "
+                f"{storage.redact(uri)} does not have: OUT was refined from another annotation file"
+            )
 
 
 def _apply(annotation: dict, results: dict, i: int) -> None:

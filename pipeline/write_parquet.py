@@ -1,6 +1,7 @@
 """Sink: one Parquet part file per batch of images, one row per annotation, written atomically.
 
-A part holds whole images only, so the set of image ids in OUT tells a resumed run what is done.
+A part holds whole task rows only (an image, or one chunk of an image's annotations), so the
+annotation positions in OUT tell a resumed run which rows are done.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from hqsam.schemas.status import Status
 class WriteParquetParts(Stage):
     """Writes each batch of encoded images as OUT/part-<hash>.parquet; passes on per-image statuses."""
 
-    reads = ("image_id", "image_uri", "height", "width", "ann_ids", "category_ids", "statuses", "errors")
+    reads = ("image_id", "image_uri", "height", "width", "ann_ids", "ann_indices", "category_ids")
+    reads += ("statuses", "errors")
     reads += ("scores", "rle_counts", "refined_bboxes", "areas", "ious", "boundary_ious")
     # The sink keeps only what progress needs; everything else is in the part file now.
     drops = tuple(name for name in IMAGE_ENCODED.names if name not in IMAGE_WRITTEN.names)
@@ -37,19 +39,19 @@ class WriteParquetParts(Stage):
 
     def process(self, rows: list[Row]) -> list[Row]:
         table = pa.Table.from_pylist(list(self._annotation_rows(rows)), schema=REFINED_ANNOTATION)
-        # Named after its images, not at random: Ray reruns a task whose worker died (max_retries=-1),
-        # and the rerun must replace a part it had already written, not add a second copy of its rows.
-        image_ids = np.asarray([row["image_id"] for row in rows], np.int64)
-        name = hashlib.sha256(image_ids.tobytes()).hexdigest()[:32]
-        write_atomically(f"{self.out}/{PART_PREFIX}{name}.parquet", table)
+        # Named after its rows, not at random: Ray reruns a task whose worker died, and the rerun
+        # must replace a part it had already written, not add a second copy of its rows. A row is
+        # named by its first annotation's position in the input: unique, even when image ids repeat.
+        name = part_name([row["ann_indices"][0] for row in rows])
+        write_atomically(f"{self.out}/{name}", table)
         return [{"image_id": row["image_id"], "statuses": list(row["statuses"])} for row in rows]
 
     def _annotation_rows(self, rows: list[Row]) -> Iterator[dict]:
         for row in rows:
-            for k, annotation_id in enumerate(row["ann_ids"]):
-                yield self._annotation_row(row, k, annotation_id)
+            for k in range(len(row["ann_ids"])):
+                yield self._annotation_row(row, k)
 
-    def _annotation_row(self, row: Row, k: int, annotation_id: int) -> dict:
+    def _annotation_row(self, row: Row, k: int) -> dict:
         status = row["statuses"][k]
         ok = status == Status.OK
         # Sizes only for ok rows: without an image record they are NaN (null ints in numpy).
@@ -57,7 +59,8 @@ class WriteParquetParts(Stage):
         return {
             "image_id": int(row["image_id"]),
             "image_uri": row["image_uri"],
-            "annotation_id": int(annotation_id),
+            "annotation_id": int(row["ann_ids"][k]),
+            "ann_index": int(row["ann_indices"][k]),
             "category_id": _int_or_none(row["category_ids"][k]),
             "bbox": [float(v) for v in row["refined_bboxes"][k]] if ok else None,
             "area": int(row["areas"][k]) if ok else None,
@@ -69,6 +72,12 @@ class WriteParquetParts(Stage):
             "error": row["errors"][k] or None,
             "model": self.model,
         }
+
+
+def part_name(first_positions: list[int]) -> str:
+    """The part file name of the task rows whose first annotations are at these input positions."""
+    digest = hashlib.sha256(np.asarray(first_positions, np.int64).tobytes()).hexdigest()[:32]
+    return f"{PART_PREFIX}{digest}.parquet"
 
 
 def write_atomically(uri: str, table: pa.Table) -> None:

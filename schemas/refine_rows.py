@@ -1,7 +1,10 @@
 """The rows of `hqsam refine`, stage by stage: what a row holds after each step of the chain.
 
-A row is one image with all its annotations. Per-annotation fields are parallel lists (entry k
-belongs to the image's k-th annotation, in the input file's order). Statuses are the values of
+A row is one image with its annotations, or, for an image with many annotations, one chunk of at
+most a few hundred of them (pipeline/manifest.py bounds the masks a row can carry). Per-annotation
+fields are parallel lists (entry k belongs to the row's k-th annotation, in the input file's order);
+`ann_indices` gives each annotation's position in the input file, which identifies it (annotation
+ids need not be unique) and, through its first entry, the row. Statuses are the values of
 `schemas.status.Status`. A field that travels as a numpy array gives its shape in its comment; its
 Arrow type describes the same values.
 
@@ -33,7 +36,7 @@ def after(row: pa.Schema, *, drops: Iterable[str] = (), adds: Iterable[pa.Field]
     return pa.schema([field for field in row if field.name not in dropped] + list(adds))
 
 
-# The source: one row per image that has annotations.
+# The source: one row per image that has annotations (per chunk of an image with many).
 IMAGE_TASK = pa.schema(
     [
         pa.field("image_id", pa.int64(), nullable=False),
@@ -41,6 +44,9 @@ IMAGE_TASK = pa.schema(
         pa.field("width", pa.int64()),  # as recorded; null when unknown
         pa.field("height", pa.int64()),
         pa.field("ann_ids", pa.list_(pa.int64())),
+        # position of each annotation in the input: its index in the COCO file's `annotations` list,
+        # or in the Parquet manifest's annotations counted row after row
+        pa.field("ann_indices", pa.list_(pa.int64())),
         pa.field("category_ids", pa.list_(pa.int64())),
         pa.field("bboxes", pa.list_(pa.list_(pa.float64()))),  # COCO xywh; [] when not 4 numbers
         pa.field("iscrowd", pa.list_(pa.int64())),

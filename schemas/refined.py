@@ -8,7 +8,9 @@ REFINED_ANNOTATION = pa.schema(
     [
         pa.field("image_id", pa.int64(), nullable=False),
         pa.field("image_uri", pa.string()),
-        pa.field("annotation_id", pa.int64(), nullable=False),
+        pa.field("annotation_id", pa.int64(), nullable=False),  # as in the input; not always unique
+        # the annotation's position in the input (schemas/refine_rows.py `ann_indices`): its identity
+        pa.field("ann_index", pa.int64(), nullable=False),
         pa.field("category_id", pa.int64()),
         pa.field("bbox", pa.list_(pa.float64())),  # refined mask's box, COCO xywh; null unless ok
         pa.field("area", pa.int64()),  # refined mask's pixel count; null unless ok

@@ -17,6 +17,10 @@ class Status(str, enum.Enum):
     INVALID_BOX = "invalid_box"
     CROWD_SKIPPED = "crowd_skipped"
     INFERENCE_FAILED = "inference_failed"
+    # The process working on the row's image died, a native crash, the OOM killer or a lost node, on
+    # every try Ray allowed it (pipeline/stage.py bounds them), or the Ray run ended before the row
+    # was written; pipeline/write_leftovers.py then writes the row with this status and the error.
+    WORKER_CRASHED = "worker_crashed"
 
     def __str__(self) -> str:
         return self.value

@@ -70,6 +70,7 @@ def ray_session():
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
         ray.init(
+            "local",  # never a stale or foreign Ray on this machine
             num_cpus=2,
             include_dashboard=False,
             object_store_memory=512 * 2**20,

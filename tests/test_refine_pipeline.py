@@ -191,7 +191,7 @@ def test_labelme_parquet_rows_are_the_bare_refiners_masks(labelme, refiner, chec
             assert 0.0 <= row["boundary_iou_vs_original"] <= 1.0
 
     names = {p.name for p in out.iterdir()} - {p.name for p in out.glob("part-*.parquet")}
-    assert names == {"annotations.json", "summary.json"}  # no temp file left behind
+    assert names == {"annotations.json", "summary.json", "_hqsam_run.json"}  # no temp file, no lease left
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk == json.loads(json.dumps(summary))
     assert on_disk["annotations_total"] == 12 and on_disk["annotations_ok"] == 12
@@ -556,8 +556,9 @@ def test_refuse_overwrite_box_source_and_limit(ray_session, checkpoint: Path, re
     replaced = refine_cli(path, *common, "--overwrite", "--limit", "1")  # prompts from the bbox now
     assert_exit(replaced, 0)
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [p.name for p in out.glob("part-*.parquet")] + ["summary.json"]
+        [p.name for p in out.glob("part-*.parquet")] + ["summary.json", "_hqsam_run.json"]
     )
+    assert json.loads((out / "_hqsam_run.json").read_text())["identity"]["box_source"] == "bbox"
     rows = read_rows(out)
     assert sorted(rows) == [10]  # the earlier run's rows of image 1 are gone
     assert_refined_like(rows[10], by_box.masks[0], by_box.scores[0])

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -86,7 +87,12 @@ def same_rows(got: dict[int, dict], want: dict[int, dict]) -> None:
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Random vit_tiny weights whose masks on these small images are neither empty nor full."""
     path = tmp_path_factory.mktemp("ckpt") / "tiny_seed5.pth"
-    save_model(randomize_(build_hqsam("vit_tiny"), seed=5), str(path))
+    # The prompt encoder's Fourier features are drawn at build from torch's global generator, which
+    # torch seeds at random per process: fix it to a state whose masks here are not all full.
+    with torch.random.fork_rng():
+        torch.manual_seed(67280421310721)
+        model = randomize_(build_hqsam("vit_tiny"), seed=5)
+    save_model(model, str(path))
     return path
 
 
@@ -132,6 +138,7 @@ def test_killed_run_resumes_to_the_uninterrupted_rows(uninterrupted, checkpoint:
         kill_session(process)
     assert process.returncode == -signal.SIGKILL
     assert not (out / "summary.json").exists()
+    assert (out / "_hqsam_lease.json").exists()  # the killed run's: taken over at once (its pid is gone)
     partial = rows_by_id(out)
     assert 0 < len(partial) < 2 * IMAGES
     # What a kill in the middle of a write leaves behind: a temp file readers must ignore.
@@ -143,6 +150,7 @@ def test_killed_run_resumes_to_the_uninterrupted_rows(uninterrupted, checkpoint:
         + ["--device", "cpu", "--no-progress", "--resume", "--batch-size", str(BATCH), "--threads", "1"],
     )
     assert result.exit_code == 0, (result.output, result.stderr, result.exception)
+    assert not (out / "_hqsam_lease.json").exists()  # released at the end
     summary = json.loads((out / "summary.json").read_text())
     done_images = len({row["image_id"] for row in partial.values()})
     assert summary["images_resumed"] == done_images > 0
@@ -191,15 +199,24 @@ def test_out_is_made_refused_resumed_or_cleared_of_hqsams_files_only(tmp_path: P
 
 
 def test_resume_refines_only_images_without_rows_in_out(tmp_path: Path) -> None:
-    tasks = pa.table({"image_id": pa.array([1, 2, 3, 4], pa.int64()), "n": [10, 20, 30, 40]})
+    # A task row is known by its first annotation's input position (`ann_indices`), not its image id.
+    positions = [[0, 1], [2], [3], [4, 5]]
+    tasks = pa.table(
+        {"image_id": pa.array([1, 2, 3, 4], pa.int64()), "ann_indices": positions, "n": [10, 20, 30, 40]}
+    )
     assert not_yet_written(tasks, str(tmp_path / "absent")).equals(tasks)
     rows = [
-        {"image_id": image_id, "annotation_id": 10 * image_id + k, "status": "ok", "model": "vit_tiny"}
-        for image_id, k in [(1, 0), (1, 1), (3, 0)]
+        {"image_id": image_id, "annotation_id": 10 * image_id + k, "ann_index": position}
+        | {"status": "ok", "model": "vit_tiny"}
+        for image_id, k, position in [(1, 0, 0), (1, 1, 1), (3, 0, 3)]
     ]
     write_atomically(str(tmp_path / "part-x.parquet"), pa.Table.from_pylist(rows, schema=REFINED_ANNOTATION))
     (tmp_path / ".part-y.parquet.1.tmp").write_bytes(b"PAR1 half a file")  # a killed writer's: ignored
-    assert not_yet_written(tasks, str(tmp_path)).to_pydict() == {"image_id": [2, 4], "n": [20, 40]}
+    assert not_yet_written(tasks, str(tmp_path)).to_pydict() == {
+        "image_id": [2, 4],
+        "ann_indices": [[2], [4, 5]],
+        "n": [20, 40],
+    }
 
 
 def test_exit_code_paths_and_summary_lines() -> None:

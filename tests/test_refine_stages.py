@@ -91,6 +91,7 @@ def task(image_id: int = 1, uri: str | None = "unused.png", boxes=((4, 4, 20, 16
         "width": W,
         "height": H,
         "ann_ids": [10 * image_id + k for k in range(count)],
+        "ann_indices": [100 * image_id + k for k in range(count)],
         "category_ids": [1] * count,
         "bboxes": [list(map(float, box)) for box in boxes],
         "iscrowd": [0] * count,
@@ -216,6 +217,7 @@ def test_decode_images_turns_each_annotation_into_a_prompt_or_a_status() -> None
     row = read_row(png(pixels), boxes=boxes, iscrowd=[0, 0, 0, 0, 0, 0, 1])
     row["bboxes"].append([])  # an annotation without a 4-number bbox
     row["ann_ids"].append(99)
+    row["ann_indices"].append(199)
     row["iscrowd"].append(0)
     row["category_ids"].append(1)
     row["segmentations"].append("")
@@ -370,15 +372,16 @@ def test_write_parquet_parts_writes_one_row_per_annotation(tmp_path) -> None:
     assert all(set(row) == set(IMAGE_WRITTEN.names) for row in returned)
 
     (part,) = tmp_path.iterdir()  # no temp file left behind
-    name = hashlib.sha256(np.array([1, 2], np.int64).tobytes()).hexdigest()[:32]
+    # named by its rows' first input positions (100 and 200): unique even where image ids repeat
+    name = hashlib.sha256(np.array([100, 200], np.int64).tobytes()).hexdigest()[:32]
     assert part.name == f"part-{name}.parquet"
     table = pq.read_table(part)
     assert table.schema.equals(REFINED_ANNOTATION)
     rows = table.to_pylist()
-    assert [(r["annotation_id"], r["image_id"], r["status"]) for r in rows] == [
-        (10, 1, "ok"),
-        (11, 1, "invalid_box"),
-        (20, 2, "image_missing"),
+    assert [(r["annotation_id"], r["ann_index"], r["image_id"], r["status"]) for r in rows] == [
+        (10, 100, 1, "ok"),
+        (11, 101, 1, "invalid_box"),
+        (20, 200, 2, "image_missing"),
     ]
     first = rows[0]
     np.testing.assert_array_equal(rle_mask(first["segmentation"]["counts"]), mask)
@@ -428,6 +431,10 @@ def test_the_chain_runs_locally_on_the_shapes_example(settings, tmp_path) -> Non
     assert sorted(row["annotation_id"] for row in written) == sorted(
         [a["id"] for a in coco["annotations"]] + [990]
     )
+    for row in written[:-1]:  # each row is the annotation at its position in the input
+        annotation = coco["annotations"][row["ann_index"]]
+        assert (row["annotation_id"], row["image_id"]) == (annotation["id"], annotation["image_id"])
+    assert sorted(row["ann_index"] for row in written[:-1]) == list(range(len(coco["annotations"])))
     statuses = {row["annotation_id"]: row["status"] for row in written}
     assert statuses.pop(990) == "image_missing" and set(statuses.values()) == {"ok"}
     by_image: dict[int, list] = {}

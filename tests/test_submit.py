@@ -6,6 +6,7 @@ is seen by the in-process `ray_session` fixture; teardown ends exactly its proce
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -83,7 +85,14 @@ def ray_head():
     if missing.returncode:
         reason = (missing.stderr.strip().splitlines() or ["?"])[-1]
         pytest.skip(f"the Ray job server needs ray[default] (dashboard deps): {reason}")
-    ray_cli = Path(sys.executable).with_name("ray")
+    with running_head([str(Path(sys.executable).with_name("ray"))], clean_env()) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def running_head(ray_cli: list[str], env: dict[str, str]) -> Iterator[str]:
+    """`ray start --head` run by `ray_cli` (the Ray CLI of some Python) in its own session; yields
+    the dashboard URL and ends exactly its processes."""
     # Short: Ray's unix sockets live under --temp-dir and their paths are limited to ~107 bytes.
     temp_dir = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))
     gcs_port, dashboard_port, agent_port, client_port = (free_port() for _ in range(4))
@@ -91,7 +100,7 @@ def ray_head():
     log = open(temp_dir / "head.log", "wb")  # closed at teardown
     head = subprocess.Popen(
         [
-            str(ray_cli),
+            *ray_cli,
             "start",
             "--head",
             "--block",
@@ -108,7 +117,7 @@ def ray_head():
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
-        env=clean_env(),
+        env=env,
         start_new_session=True,  # its own process group: nothing of ours or others' shares it
     )
     try:
@@ -411,7 +420,8 @@ def test_inside_a_job_the_command_runs_in_place(monkeypatch, tmp_path):
         ],
         env={"RAY_ADDRESS": "10.0.0.1:6379"},  # Ray's job supervisor sets it to the GCS address
     )
-    assert result.exit_code == 2 and "missing.pth does not exist" in result.output
+    # It ran here: the local run's first check (the annotation file) answered, nothing was submitted.
+    assert result.exit_code == 2 and "missing.json does not exist" in result.output
 
 
 def test_entrypoint_names_a_checked_interpreter(monkeypatch):
@@ -496,3 +506,153 @@ def test_refine_requests_its_gpus_up_front_on_a_cluster_only(monkeypatch):
     with _requested_resources(RefineSettings("vit_tiny", "x", None, "cpu", max_actors=2)):
         pass
     assert calls == [{"bundles": [{"CPU": 1}] * 2}, {"bundles": []}]
+
+
+# Secrets beside or inside the checkout never travel with a job.
+
+PLANTED_SECRET = "PLANTED-SECRET-7f3a"
+ROOT_SECRETS = (".env", ".aws/credentials", ".netrc", "id_rsa")
+PACKAGE_SECRETS = (
+    "pipeline/.env",
+    "pipeline/.aws/credentials",
+    "jobs/.netrc",
+    "hqsam_core/id_rsa",
+    "schemas/.secrets/leak.py",  # a .py file under a hidden folder
+    "pipeline/.ipynb_checkpoints/stage-checkpoint.py",
+    "pipeline/notes.txt",
+)
+
+
+def planted_checkout(root: Path) -> dict[str, Path]:
+    """A copy of the project's packages with secrets planted beside and inside them, plus a .py
+    symlink pointing at one; returns the package folders as `staged_code` takes them."""
+    from hqsam.pipeline.submission import PACKAGES
+
+    for name in PACKAGES:
+        shutil.copytree(ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for relative in ROOT_SECRETS + PACKAGE_SECRETS:
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        (root / relative).write_text(f"{PLANTED_SECRET} {relative}\n")
+    (root / "jobs" / "credentials_link.py").symlink_to(root / ".aws" / "credentials")
+    return {name: root / name for name in PACKAGES}
+
+
+def our_code_files() -> list[str]:
+    from hqsam.pipeline.submission import PACKAGES
+
+    return sorted(
+        f"{name}/{path.relative_to(ROOT / name)}"
+        for name in PACKAGES
+        for path in (ROOT / name).rglob("*.py")
+        if "__pycache__" not in path.parts
+        and not any(p.startswith(".") for p in path.relative_to(ROOT).parts)
+    )
+
+
+def test_staged_code_leaves_secrets_hidden_folders_and_links_behind(tmp_path):
+    from hqsam.pipeline.submission import runtime_env, staged_code
+
+    folders = planted_checkout(tmp_path / "checkout")
+    with staged_code(folders) as code:
+        staged = Path(code)
+        shipped = sorted(str(path.relative_to(staged)) for path in staged.rglob("*") if path.is_file())
+        contents = b"".join(path.read_bytes() for path in staged.rglob("*") if path.is_file())
+        env = runtime_env([], code)
+    assert shipped == our_code_files()  # hqsam/**.py of the four packages, nothing else
+    assert PLANTED_SECRET.encode() not in contents
+    assert set(env) == {"py_modules", "env_vars"}  # no working_dir: nothing of the checkout is uploaded
+
+
+SHIPPED_TREE_PROBE = """
+import json, os
+trees = {}
+for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+    if "runtime_resources" in entry:
+        trees[entry] = sorted(
+            os.path.relpath(os.path.join(folder, name), entry)
+            for folder, _, names in os.walk(entry) for name in names
+        )
+secret = any(
+    b"PLANTED-SECRET" in open(os.path.join(entry, name), "rb").read()
+    for entry, names in trees.items() for name in names
+)
+print("TREES " + json.dumps({"trees": trees, "secret": secret}))
+"""
+
+
+@pytest.mark.slow
+def test_secrets_beside_the_checkout_never_reach_the_job(ray_head, tmp_path):
+    """Real Ray packaging and upload, from a checkout holding .env, .aws/credentials, .netrc, id_rsa."""
+    from ray.job_submission import JobSubmissionClient
+
+    from hqsam.pipeline.submission import TERMINAL, runtime_env, staged_code
+
+    checkout = tmp_path / "checkout"
+    folders = planted_checkout(checkout)
+    jobs = JobSubmissionClient(ray_head)
+    command = f"{shlex.quote(sys.executable)} -c {shlex.quote(SHIPPED_TREE_PROBE)}"
+    cwd = os.getcwd()
+    os.chdir(checkout)  # submitting from inside the checkout, as a user would
+    try:
+        with staged_code(folders) as code:
+            job_id = jobs.submit_job(entrypoint=command, runtime_env=runtime_env([], code))
+    finally:
+        os.chdir(cwd)
+    deadline = time.time() + 180
+    while time.time() < deadline and str(jobs.get_job_status(job_id)) not in TERMINAL:
+        time.sleep(0.5)
+    logs = jobs.get_job_logs(job_id)
+    assert str(jobs.get_job_status(job_id)) == "SUCCEEDED", logs
+    probe = json.loads(next(line for line in logs.splitlines() if line.startswith("TREES "))[6:])
+    assert "working_dir" not in (jobs.get_job_info(job_id).runtime_env or {})
+    (tree,) = probe["trees"].values()  # one shipped tree: the py_modules folder
+    assert sorted(path.removeprefix("hqsam/") for path in tree) == our_code_files()
+    assert all(path.startswith("hqsam/") and path.endswith(".py") for path in tree)
+    assert probe["secret"] is False
+
+
+def test_submitted_command_is_recorded_and_printed_without_secrets():
+    from hqsam.pipeline.submission import shown_command
+
+    argv = [
+        "refine",
+        "--checkpoint",
+        "https://alice:s3cret@h/w.pth?X-Amz-Signature=SIG0&X-Amz-Credential=CRED0",
+        "--hq-head",
+        "s3://b/head.pth?token=TOKEN0",
+        "--",
+        "s3://b/ann.json",
+    ]
+    shown = shown_command(argv)
+    assert not any(secret in shown for secret in ("s3cret", "SIG0", "CRED0", "TOKEN0"))
+    assert shown.startswith("hqsam refine --checkpoint 'https://***@h/w.pth?X-Amz-Signature=***&")
+    assert shown.endswith("-- s3://b/ann.json")
+
+
+@pytest.mark.slow
+def test_job_metadata_and_submitted_line_hold_no_secret(ray_head, tmp_path, capsys):
+    from ray.job_submission import JobSubmissionClient
+
+    from hqsam.pipeline.submission import TERMINAL, submit
+
+    secret_url = "https://alice:s3cret@127.0.0.1:9/w.pth?X-Amz-Signature=SIG0&sig=SIGB0&token=TOKEN0"
+    argv = [
+        "refine",
+        "--out",
+        str(tmp_path / "out"),
+        "--checkpoint",
+        secret_url,
+        "--",
+        str(tmp_path / "a.json"),
+    ]
+    assert submit(argv, ray_head, detach=True, forward_env=[]) == 0
+    printed = capsys.readouterr()
+    job_id = printed.out.strip().splitlines()[-1]
+    jobs = JobSubmissionClient(ray_head)
+    metadata = jobs.get_job_info(job_id).metadata
+    deadline = time.time() + 180
+    while time.time() < deadline and str(jobs.get_job_status(job_id)) not in TERMINAL:
+        time.sleep(0.5)
+    for text in (printed.err, json.dumps(metadata)):
+        assert not any(secret in text for secret in ("s3cret", "SIG0", "SIGB0", "TOKEN0")), text
+    assert "submitted" in printed.err and "https://***@127.0.0.1:9/w.pth" in metadata["hqsam"]

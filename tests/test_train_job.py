@@ -184,7 +184,8 @@ def test_refined_source_keeps_ok_rows_above_min_score(tmp_path: Path) -> None:
     for k, (status, score) in enumerate([("ok", 0.9), ("ok", 0.3), ("invalid_box", None), ("ok", None)]):
         ok = status == "ok"
         rows.append(
-            {"image_id": 1, "image_uri": str(tmp_path / "p.png"), "annotation_id": k, "category_id": 2}
+            {"image_id": 1, "image_uri": str(tmp_path / "p.png"), "annotation_id": k, "ann_index": k}
+            | {"category_id": 2}
             | {"bbox": [1.0, 2.0, 6.0, 4.0] if ok else None, "area": 24 if ok else None}
             | {"segmentation": rle if ok else None, "score": score, "iou_vs_original": None}
             | {"boundary_iou_vs_original": None, "status": status, "error": None, "model": "vit_tiny"}

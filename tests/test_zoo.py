@@ -368,3 +368,148 @@ def test_sha256_file_matches_hashlib(tmp_path: Path) -> None:
     path.write_bytes(PAYLOAD)
 
     assert zoo.sha256_file(path) == PAYLOAD_SHA256
+
+
+# ---------------------------------------------------------------- sha256 pins
+
+
+WRONG_SHA256 = "0" * 64 if PAYLOAD_SHA256 != "0" * 64 else "f" * 64
+
+
+def test_first_download_prints_and_records_its_sha256_once(
+    server: FileServer, cache: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server.files["/files/weights.pth"] = PAYLOAD
+    url = f"{server.url}/files/weights.pth"
+
+    path = fetch_checkpoint(url, progress=False)
+
+    printed = capsys.readouterr().err
+    assert (
+        f"weights.pth: sha256 {PAYLOAD_SHA256} (pin it with --checkpoint-sha256 {PAYLOAD_SHA256}" in printed
+    )
+    record = Path(f"{path}.sha256").read_text().split()
+    assert record == [PAYLOAD_SHA256, str(len(PAYLOAD)), str(path.stat().st_mtime_ns)]
+    assert zoo.file_sha256(path) == PAYLOAD_SHA256
+    fetch_checkpoint(url, progress=False)  # a cache hit: nothing downloaded, nothing printed
+    assert "sha256" not in capsys.readouterr().err
+
+
+def test_zoo_download_prints_how_to_pin_it_by_name(
+    mirror: FileServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fetch_checkpoint("test_model", progress=False)
+
+    printed = capsys.readouterr().err
+    assert f"HQSAM_ZOO_SHA256=test_model={PAYLOAD_SHA256}" in printed
+    assert f"--checkpoint-sha256 {PAYLOAD_SHA256}" in printed
+
+
+def test_pinned_url_of_another_sha256_is_refused_and_never_cached(server: FileServer, cache: Path) -> None:
+    server.files["/files/weights.pth"] = PAYLOAD
+    url = f"{server.url}/files/weights.pth"
+
+    with pytest.raises(CheckpointSourceError) as err:
+        fetch_checkpoint(zoo.pinned(url, WRONG_SHA256), progress=False)
+
+    message = _assert_one_sentence(err)
+    assert f"has sha256 {PAYLOAD_SHA256}, not the pinned {WRONG_SHA256}" in message
+    assert "discarded" in message
+    left = {path.name.split("-", 1)[1] for path in (cache / "urls").iterdir()}
+    assert left == {"weights.pth.lock"}  # neither the file nor a part to resume
+    path = fetch_checkpoint(zoo.pinned(url, PAYLOAD_SHA256.upper()), progress=False)
+    assert path.read_bytes() == PAYLOAD
+
+
+def test_pin_is_checked_on_every_cache_hit(server: FileServer, cache: Path) -> None:
+    server.files["/files/weights.pth"] = PAYLOAD
+    url = f"{server.url}/files/weights.pth"
+    path = fetch_checkpoint(url, progress=False)
+
+    with pytest.raises(CheckpointSourceError) as err:
+        fetch_checkpoint(f"{url}#sha256={WRONG_SHA256}", progress=False)
+    assert f"delete {path} to download it again" in _assert_one_sentence(err)
+
+    # The cached file changed after its download (same size): the pin catches it, the record is stale.
+    path.write_bytes(bytes(reversed(PAYLOAD)))
+    with pytest.raises(CheckpointSourceError, match="not the pinned"):
+        fetch_checkpoint(f"{url}#sha256={PAYLOAD_SHA256}", progress=False)
+    assert len(server.requests) == 1
+
+
+def test_zoo_files_are_pinned_by_name_for_a_mirror(
+    mirror: FileServer, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HQSAM_ZOO_SHA256", f"sam_vit_b={PAYLOAD_SHA256}, test_model={WRONG_SHA256}")
+    with pytest.raises(CheckpointSourceError) as err:
+        fetch_checkpoint("test_model", progress=False)
+    assert f"not the pinned {WRONG_SHA256}" in _assert_one_sentence(err)
+    assert not (cache / "test.pth").exists() and not (cache / "test.pth.part").exists()
+
+    monkeypatch.setenv("HQSAM_ZOO_SHA256", f"test_model={PAYLOAD_SHA256}")
+    assert fetch_checkpoint("test_model", progress=False).read_bytes() == PAYLOAD
+    with pytest.raises(CheckpointSourceError, match="not the pinned"):  # the option's pin holds too
+        fetch_checkpoint(f"test_model#sha256={WRONG_SHA256}", progress=False)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("sam_hq_vit_x=" + "0" * 64, "names 'sam_hq_vit_x', no zoo file"), ("test_model=abc", "no sha256")],
+)
+def test_malformed_zoo_pins_are_one_sentence_errors(
+    mirror: FileServer, monkeypatch: pytest.MonkeyPatch, value: str, expected: str
+) -> None:
+    monkeypatch.setenv("HQSAM_ZOO_SHA256", value)
+    with pytest.raises(CheckpointSourceError) as err:
+        fetch_checkpoint("test_model", progress=False)
+    assert expected in _assert_one_sentence(err)
+    assert mirror.requests == []
+
+
+def test_local_and_fsspec_sources_honour_pins(tmp_path: Path, cache: Path) -> None:
+    local = tmp_path / "weights.pth"
+    local.write_bytes(PAYLOAD)
+    assert fetch_checkpoint(zoo.pinned(str(local), PAYLOAD_SHA256)) == local
+    with pytest.raises(CheckpointSourceError) as err:
+        fetch_checkpoint(zoo.pinned(str(local), WRONG_SHA256))
+    assert f"Checkpoint {local} has sha256 {PAYLOAD_SHA256}" in _assert_one_sentence(err)
+
+    memory = fsspec.filesystem("memory")
+    uri = "memory://hqsam-test-pins/weights.pth"
+    memory.pipe(uri, PAYLOAD)
+    try:
+        with pytest.raises(CheckpointSourceError, match="the copy was discarded"):
+            fetch_checkpoint(zoo.pinned(uri, WRONG_SHA256), progress=False)
+        assert not list((cache / "urls").glob("*weights.pth"))
+        assert fetch_checkpoint(zoo.pinned(uri, PAYLOAD_SHA256), progress=False).read_bytes() == PAYLOAD
+    finally:
+        memory.rm("memory://hqsam-test-pins", recursive=True)
+
+
+def test_pins_are_written_and_read_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert zoo.pinned("weights.pth", PAYLOAD_SHA256) == f"{tmp_path}/weights.pth#sha256={PAYLOAD_SHA256}"
+    assert zoo.pinned("sam_hq_vit_l", None) == "sam_hq_vit_l"
+    pinned_zoo = zoo.pinned("sam_hq_vit_l", PAYLOAD_SHA256.upper())
+    assert zoo.split_pin(pinned_zoo) == ("sam_hq_vit_l", PAYLOAD_SHA256)
+    assert zoo.split_pin("s3://b/w.pth#sha256=abc") == ("s3://b/w.pth#sha256=abc", None)  # no pin
+    with pytest.raises(CheckpointSourceError, match="pinned twice"):
+        zoo.pinned(pinned_zoo, WRONG_SHA256)
+    with pytest.raises(CheckpointSourceError, match="--checkpoint-sha256 'xyz' is no sha256"):
+        zoo.pinned("sam_hq_vit_l", "xyz")
+    shown = zoo.shown_source(f"https://u:p@h/w.pth?X-Amz-Signature=s&v=1#sha256={PAYLOAD_SHA256}")
+    assert shown == "https://***@h/w.pth?X-Amz-Signature=***&v=1"
+
+
+def test_plain_http_is_warned_about_once_per_url(
+    server: FileServer, cache: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"{server.url}/files/missing.pth"
+    for _ in range(2):
+        with pytest.raises(CheckpointSourceError):
+            fetch_checkpoint(url, progress=False)
+
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "plain http" in warnings[0] and url in warnings[0]
+    assert "--checkpoint-sha256" in warnings[0]
+    assert len(server.requests) == 2

@@ -1,0 +1,110 @@
+"""The identity of a refine run, recorded in OUT/_hqsam_run.json, so that a --resume continues the
+same job and never mixes the rows of another input, model, checkpoint or prompt into OUT.
+
+The identity holds what decides the masks: the input file (its size and a hash of its first and last
+MiB, so that a changed file at the same URI is caught without reading all of it), the images root,
+the model, the weights (sha256 of the checkpoint and HQ head files), the box source, --hq-token-only
+and --crop-zoom. It leaves out what only changes speed or numerics (batch size, actors, threads,
+prompts per decoder call, device, precision, compile): a resume may use another machine. URIs are
+recorded redacted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from pathlib import Path
+
+from hqsam.hqsam_core import storage
+from hqsam.hqsam_core.errors import HqsamError
+from hqsam.hqsam_core.zoo import fetch_checkpoint, sha256_file
+from hqsam.pipeline.read_refined import PART_PREFIX
+from hqsam.pipeline.refine_pipeline import RefineSettings
+
+log = logging.getLogger(__name__)
+
+RUN_RECORD = "_hqsam_run.json"
+ENDS_BYTES = 2**20  # the input fingerprint hashes this much of each end of the file
+# Recorded for people, not compared: the same bytes may be resumed from another path or mirror.
+INFORMATIVE = ("annotations_uri", "checkpoint_uri", "hq_head_uri")
+
+
+class RunMismatchError(HqsamError):
+    """--resume into an OUT that holds another job's rows."""
+
+
+def run_identity(annotations: str, images: str | None, settings: RefineSettings, checkpoint: Path) -> dict:
+    """The identity of a run over `annotations`; `checkpoint` is the local file of the weights."""
+    size, ends = input_fingerprint(annotations)
+    hq_head = fetch_checkpoint(settings.hq_head) if settings.hq_head else None
+    return {
+        "annotations_uri": storage.redact(annotations),
+        "annotations_size": size,
+        "annotations_sha256_of_ends": ends,
+        "images": storage.redact(images or storage.parent(annotations)),
+        "model": settings.variant,
+        "checkpoint_uri": storage.redact(settings.checkpoint),
+        "checkpoint_sha256": sha256_file(checkpoint),
+        "hq_head_uri": storage.redact(settings.hq_head),
+        "hq_head_sha256": hq_head and sha256_file(hq_head),
+        "box_source": settings.box_source,
+        "hq_token_only": settings.hq_token_only,
+        "crop_zoom": settings.crop_zoom,
+    }
+
+
+def input_fingerprint(uri: str) -> tuple[int, str]:
+    """(size, sha256 of the first and last ENDS_BYTES) of a file, local or remote."""
+    fs, path = storage.url_to_fs(uri)
+    size = fs.size(path)
+    if size is None or size <= 2 * ENDS_BYTES:
+        data = storage.read_bytes(uri)
+        return len(data), hashlib.sha256(data).hexdigest()
+    digest = hashlib.sha256(fs.cat_file(path, start=0, end=ENDS_BYTES))
+    digest.update(fs.cat_file(path, start=size - ENDS_BYTES, end=size))
+    return size, digest.hexdigest()
+
+
+def record_uri(out: str) -> str:
+    return storage.join(out, RUN_RECORD)
+
+
+def read_identity(out: str) -> dict | None:
+    """The identity recorded in OUT, None when OUT has none."""
+    try:
+        identity = storage.read_json(record_uri(out))["identity"]
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError):  # unreadable: nothing in it can match
+        return {}
+    return identity if isinstance(identity, dict) else {}
+
+
+def check_same_job(out: str, identity: dict) -> None:
+    """Raise RunMismatchError, naming what differs, when OUT records another job than `identity`."""
+    recorded = read_identity(out)
+    if recorded is None:
+        return
+    differences = [
+        f"{key} {recorded.get(key)!r} there, {identity.get(key)!r} now"
+        for key in identity
+        if key not in INFORMATIVE and recorded.get(key) != identity.get(key)
+    ]
+    if differences:
+        raise RunMismatchError(
+            f"{storage.redact(out)} holds the rows of another job ({'; '.join(differences)}); resume with "
+            "the same input and settings, or pass --overwrite or another --out to start over"
+        )
+
+
+def record_identity(out: str, identity: dict, *, resume: bool) -> None:
+    """Write OUT/_hqsam_run.json for a new run; a resume keeps the record it checked (or, in an OUT
+    written before records existed, adds one with a warning)."""
+    recorded = read_identity(out) if resume else None
+    if recorded == identity:
+        return
+    if resume and recorded is None and storage.list_files(out, f"{PART_PREFIX}*.parquet"):
+        log.warning("%s has no run record: cannot check it holds this job's rows", storage.redact(out))
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    storage.write_json(record_uri(out), {"identity": identity, "started": started})

@@ -1,0 +1,103 @@
+"""What a crashed block did not write: every annotation still ends as exactly one row in OUT.
+
+A block whose worker died on every try Ray allows it (pipeline/stage.py) is dropped with all its task
+rows, the innocent ones too, and a run that fails as a whole leaves the rows it had not reached. After
+the Ray run, the task rows without rows in OUT are refined once more, one per block, when the run went
+through (the crash then takes only its own row); whatever is still missing is written with
+`Status.WORKER_CRASHED` and the error, by the chain's own stages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Callable
+
+import pyarrow as pa
+
+from hqsam.hqsam_core.errors import one_line
+from hqsam.pipeline.encode_masks import EncodeMasks
+from hqsam.pipeline.manifest import annotation_count
+from hqsam.pipeline.refine_masks import NO_MASKS
+from hqsam.pipeline.refine_pipeline import RefineSettings, refine_stages
+from hqsam.pipeline.stage import Row, Stage, apply_ray
+from hqsam.pipeline.write_parquet import WriteParquetParts
+from hqsam.schemas.status import Status
+
+log = logging.getLogger(__name__)
+
+# Task rows refined again one by one; more missing than this means the run failed, not one input.
+RERUN_AT_MOST = 256
+DROPPED = (
+    "the worker refining this image died on every try (a native crash, the OOM killer or a lost node); "
+    "see the Ray worker logs"
+)
+
+Chain = Callable[[str, RefineSettings], list[Stage]]
+
+
+def write_leftovers(
+    tasks: pa.Table,
+    out: str,
+    settings: RefineSettings,
+    crash: BaseException | None = None,
+    *,
+    chain: Chain = refine_stages,
+) -> int:
+    """After the Ray run over `tasks` (which raised `crash`, if it did): refine the task rows OUT has
+    no rows of again, one per block, unless the run failed as a whole, then write a WORKER_CRASHED
+    row for every annotation still missing. Returns how many annotations were written so. `chain`
+    builds the stages of the second pass (the run's own: refine_stages)."""
+    from hqsam.pipeline.refine_run import not_yet_written  # refine_run calls this module
+
+    missing = not_yet_written(tasks, out)
+    if missing.num_rows and crash is None and missing.num_rows <= RERUN_AT_MOST:
+        log.warning("%d images lost their rows to a crash; refining them again one by one", missing.num_rows)
+        refine_one_by_one(missing, out, settings, chain)
+        missing = not_yet_written(missing, out)
+    if not missing.num_rows:
+        return 0
+    error = DROPPED if crash is None else f"the Ray run failed before this row was written: {one_line(crash)}"
+    write_crashed(missing, out, settings, error)
+    count = annotation_count(missing)
+    log.warning("%d annotations of %d images written as %s", count, missing.num_rows, Status.WORKER_CRASHED)
+    return count
+
+
+def refine_one_by_one(
+    tasks: pa.Table, out: str, settings: RefineSettings, chain: Chain = refine_stages
+) -> None:
+    """Run the chain over `tasks` with one task row per block, batch and part file, dropping the blocks
+    that still fail: a crash then costs only its own row."""
+    import ray
+
+    alone = dataclasses.replace(settings, batch_size=1, images_per_file=1)
+    source = ray.data.from_arrow([tasks.slice(i, 1) for i in range(tasks.num_rows)])
+    dataset = apply_ray(source, chain(out, alone), keep_going=True)
+    try:
+        for _ in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+            pass
+    except Exception as error:  # whatever it did not write is written as crashed next
+        log.warning("the one-by-one pass failed too: %s", one_line(error))
+
+
+def write_crashed(tasks: pa.Table, out: str, settings: RefineSettings, error: str) -> None:
+    """Write a WORKER_CRASHED row with `error` for every annotation of `tasks`, as the chain's sink
+    writes a row that was not refined."""
+    rows = [_crashed(task, error) for task in tasks.to_pylist()]
+    rows = EncodeMasks().process(rows)
+    writer = WriteParquetParts(out, settings.variant, settings.images_per_file)
+    for start in range(0, len(rows), settings.images_per_file):
+        writer.process(rows[start : start + settings.images_per_file])
+
+
+def _crashed(task: Row, error: str) -> Row:
+    """A task row as RefineMasks leaves one it did not refine, every annotation WORKER_CRASHED."""
+    count = len(task["ann_ids"])
+    return task | {
+        "statuses": [Status.WORKER_CRASHED] * count,
+        "errors": [error] * count,
+        "packed_masks": NO_MASKS,
+        "scores": [math.nan] * count,
+    }
