@@ -130,7 +130,8 @@ def refine(
     written to OUT/summary.json.
     """
     from hqsam.pipeline.refine_pipeline import RefineSettings
-    from hqsam.pipeline.refine_run import RefineConfig, exit_code, run_refine
+    from hqsam.pipeline.refine_run import RefineConfig, run_refine
+    from hqsam.pipeline.refine_summary import exit_code
     from hqsam.pipeline.submission import submit_if_requested
 
     if crop_zoom is not None and not 0 < crop_zoom <= 1:
@@ -175,7 +176,7 @@ def refine(
 
 def report(summary: dict) -> None:
     """The summary's lines, and a red line when annotations have no output row."""
-    from hqsam.pipeline.refine_run import summary_lines
+    from hqsam.pipeline.refine_summary import summary_lines
 
     for line in summary_lines(summary):
         typer.echo(line)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from hqsam.hqsam_core import storage
@@ -25,3 +26,12 @@ def read_parts(out: str, columns: list[str]) -> pa.Table:
     if not tables:
         return REFINED_ANNOTATION.empty_table().select(columns)
     return pa.concat_tables(tables)
+
+
+def not_yet_written(tasks: pa.Table, out: str) -> pa.Table:
+    """The task rows without rows in OUT's part files yet. A part holds whole task rows, and a task
+    row is known by its first annotation's position in the input (image ids can repeat, an image
+    can be split into several rows)."""
+    done = read_parts(out, ["ann_index"])["ann_index"].combine_chunks()
+    first = pc.list_element(tasks["ann_indices"], 0)
+    return tasks.filter(pc.invert(pc.is_in(first, value_set=done)))

@@ -19,6 +19,7 @@ import pyarrow as pa
 from hqsam.hqsam_core.errors import one_line
 from hqsam.pipeline.encode_masks import EncodeMasks
 from hqsam.pipeline.manifest import annotation_count
+from hqsam.pipeline.read_refined import not_yet_written
 from hqsam.pipeline.refine_masks import NO_MASKS
 from hqsam.pipeline.refine_pipeline import RefineSettings, refine_stages
 from hqsam.pipeline.stage import Row, Stage, apply_ray
@@ -49,7 +50,6 @@ def write_leftovers(
     no rows of again, one per block, unless the run failed as a whole, then write a WORKER_CRASHED
     row for every annotation still missing. Returns how many annotations were written so. `chain`
     builds the stages of the second pass (the run's own: refine_stages)."""
-    from hqsam.pipeline.refine_run import not_yet_written  # refine_run calls this module
 
     missing = not_yet_written(tasks, out)
     if missing.num_rows and crash is None and missing.num_rows <= RERUN_AT_MOST:

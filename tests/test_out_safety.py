@@ -19,7 +19,7 @@ from hqsam.hqsam_core import build_hqsam, save_model, storage
 from hqsam.hqsam_core.testing.random_weights import randomize_
 from hqsam.jobs.cli import app
 from hqsam.jobs.refine import report
-from hqsam.pipeline.refine_run import OutputNotEmptyError, prepare_out
+from hqsam.pipeline.out_folder import OutputNotEmptyError, prepare_out
 from hqsam.pipeline.write_coco import write_coco
 from tests.conftest import ROOT
 

@@ -23,17 +23,15 @@ from typer.testing import CliRunner
 from hqsam.hqsam_core import build_hqsam, save_model
 from hqsam.hqsam_core.testing.random_weights import randomize_
 from hqsam.jobs.cli import app
+from hqsam.pipeline.out_folder import OutputNotEmptyError, prepare_out
+from hqsam.pipeline.read_refined import not_yet_written
 from hqsam.pipeline.refine_pipeline import RefineSettings
 from hqsam.pipeline.refine_run import (
-    OutputNotEmptyError,
     RefineConfig,
-    exit_code,
-    not_yet_written,
-    prepare_out,
     run_refine,
-    summary_lines,
     with_absolute_paths,
 )
+from hqsam.pipeline.refine_summary import exit_code, summary_lines
 from hqsam.pipeline.write_parquet import write_atomically
 from hqsam.schemas.refined import REFINED_ANNOTATION
 from tests.conftest import ROOT, kill_session

@@ -26,9 +26,11 @@ from hqsam.hqsam_core import BoxRefiner, build_hqsam, save_model
 from hqsam.hqsam_core.testing.random_weights import randomize_
 from hqsam.jobs.cli import app
 from hqsam.pipeline.manifest import MAX_ANNOTATIONS_PER_ROW, read_manifest
+from hqsam.pipeline.read_refined import not_yet_written
 from hqsam.pipeline.refine_masks import RefineMasks
 from hqsam.pipeline.refine_pipeline import RefineSettings, refine_stages
-from hqsam.pipeline.refine_run import RefineConfig, account, not_yet_written, summary_lines
+from hqsam.pipeline.refine_run import RefineConfig
+from hqsam.pipeline.refine_summary import account, summary_lines
 from hqsam.pipeline.stage import Stage, run_local
 from hqsam.pipeline.write_coco import OutputMismatchError, write_coco
 from hqsam.schemas.manifest import PARQUET_MANIFEST

@@ -187,7 +187,8 @@ def test_refine_records_and_prints_no_secret_of_a_signed_checkpoint_url(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     from hqsam.pipeline.refine_pipeline import RefineSettings
-    from hqsam.pipeline.refine_run import RefineConfig, run_refine, summary_lines
+    from hqsam.pipeline.refine_run import RefineConfig, run_refine
+    from hqsam.pipeline.refine_summary import summary_lines
 
     monkeypatch.setenv("HQSAM_CACHE", str(tmp_path / "cache"))
     server.files["/tiny.pth"] = tiny_checkpoint.read_bytes()
