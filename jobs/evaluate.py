@@ -16,6 +16,8 @@ from hqsam.jobs.options import (
     FORWARD_ENV_OPTION,
     HQ_HEAD_OPTION,
     MODEL_OPTION,
+    PROGRESS_OPTION,
+    VERBOSE_OPTION,
     Device,
     Variant,
     checkpoint_or_default,
@@ -64,6 +66,8 @@ def evaluate(
     limit: int | None = typer.Option(
         None, "--limit", min=1, help="Evaluate the first N samples of each source."
     ),
+    progress: bool = PROGRESS_OPTION,
+    verbose: bool = VERBOSE_OPTION,
     address: str | None = ADDRESS_OPTION,
     detach: bool = DETACH_OPTION,
     forward_env: list[str] = FORWARD_ENV_OPTION,
@@ -92,6 +96,6 @@ def evaluate(
         min_score=min_score,
         limit=limit,
     )
-    report = run_evaluate(config)
+    report = run_evaluate(config, progress=progress)
     typer.echo(format_table(report))
     typer.echo(f"report -> {out}")

@@ -80,6 +80,23 @@ FORWARD_ENV_OPTION = typer.Option(
 PROGRESS_OPTION = typer.Option(True, "--progress/--no-progress", help="Show progress.")
 
 
+def _show_ray_logs(verbose: bool) -> bool:
+    if verbose:
+        from hqsam.pipeline.console import configure
+
+        configure(verbose=True)
+    return verbose
+
+
+VERBOSE_OPTION = typer.Option(
+    False,
+    "-v",
+    "--verbose",
+    callback=_show_ray_logs,
+    help="Also show Ray's logs (by default they stay in Ray's log folder, printed on failure).",
+)
+
+
 def checkpoint_or_default(checkpoint: str | None, model: Variant, sha256: str | None = None) -> str:
     """The --checkpoint given, or the official HQ-SAM zoo entry of the variant; pinned to
     --checkpoint-sha256 when given (`SOURCE#sha256=HEX`, checked wherever the file is fetched)."""

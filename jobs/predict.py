@@ -10,6 +10,7 @@ from hqsam.jobs.options import (
     DEVICE_OPTION,
     HQ_HEAD_OPTION,
     MODEL_OPTION,
+    VERBOSE_OPTION,
     Device,
     Variant,
     checkpoint_or_default,
@@ -43,6 +44,7 @@ def predict(
     multimask: bool = typer.Option(
         False, "--multimask", help="Take SAM's best of three masks as the SAM part."
     ),
+    verbose: bool = VERBOSE_OPTION,
 ) -> None:
     """Refine boxes on one image: writes IMAGE_maskK.png per box and IMAGE_overlay.png."""
     from hqsam.pipeline.predict_boxes import overlay_uri, parse_box, run_predict

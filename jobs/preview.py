@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import typer
 
+from hqsam.jobs.options import VERBOSE_OPTION
+
 IMAGES_HELP = (
     "Root the images moved to. With --annotations: ROOT/file_name, as `refine --images ROOT`. Without: "
     "ROOT joined with the last 4, 3, 2 or 1 path parts of the run's image_uri, the first that exists. "
@@ -27,6 +29,7 @@ def preview(
         "--worst",
         help="Show the N largest changes (lowest iou_vs_original) instead of a spread over the whole range.",
     ),
+    verbose: bool = VERBOSE_OPTION,
 ) -> None:
     """Render PNG panels of image, original (orange) and refined (cyan) outline, and an index.html grid.
 

@@ -20,6 +20,7 @@ from hqsam.jobs.options import (
     HQ_HEAD_OPTION,
     MODEL_OPTION,
     PROGRESS_OPTION,
+    VERBOSE_OPTION,
     Device,
     Variant,
     checkpoint_or_default,
@@ -80,8 +81,11 @@ def train(
     min_score: float | None = MIN_SCORE_OPTION,
     precision: TrainPrecision = PRECISION_OPTION,
     cpus_per_worker: float = CPUS_OPTION,
-    log_every: int = typer.Option(10, "--log-every", min=1, help="Print the loss every N steps."),
+    log_every: int = typer.Option(
+        10, "--log-every", min=1, help="Progress shows the mean loss of the last N steps."
+    ),
     progress: bool = PROGRESS_OPTION,
+    verbose: bool = VERBOSE_OPTION,
     address: str | None = ADDRESS_OPTION,
     detach: bool = DETACH_OPTION,
     forward_env: list[str] = FORWARD_ENV_OPTION,

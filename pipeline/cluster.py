@@ -13,6 +13,7 @@ log = logging.getLogger(__name__)
 
 IN_JOB_ENV = "HQSAM_IN_RAY_JOB"  # set in the runtime_env of the jobs hqsam submits
 RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor for every job driver
+AUTH_MODE_ENV = "RAY_AUTH_MODE"
 
 
 def in_ray_job() -> bool:
@@ -25,17 +26,45 @@ def on_cluster() -> bool:
     return in_ray_job() or os.environ.get("RAY_ADDRESS", "") not in ("", "local")
 
 
-def init_ray(*, log_to_driver: bool = False) -> None:
-    """Start (or attach to) Ray once per process, quietly; Ray Data's own progress bars off.
+def init_ray() -> None:
+    """Start (or attach to) Ray once per process; Ray Data's own progress bars off (ours show).
 
     Off a cluster this always starts a Ray of its own: never another user's or another run's Ray
-    that happens to run on the same machine (set RAY_ADDRESS to use one)."""
+    that happens to run on the same machine (set RAY_ADDRESS to use one). Its workers' output
+    reaches this terminal with -v (pipeline/console.py); it always stays in Ray's
+    log folder."""
     import ray
 
+    from hqsam.pipeline import console
+
     if not ray.is_initialized():
-        address = None if on_cluster() else "local"
-        ray.init(address, include_dashboard=False, log_to_driver=log_to_driver, configure_logging=False)
+        local = not on_cluster()
+        if local:
+            keep_token_auth_quietly()
+        console.before_ray_starts()
+        address = "local" if local else None
+        ray.init(address, include_dashboard=False, log_to_driver=console.verbose(), configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
+    console.quiet_ray()
+
+
+def keep_token_auth_quietly() -> None:
+    """A local Ray of ours keeps Ray's default, token authentication, without Ray's notice about it.
+
+    With RAY_AUTH_MODE unset, Ray enables token authentication for a new local cluster and prints
+    a notice that says so; setting the same mode explicitly (as Ray itself then does, for this
+    process and its children) enables the same authentication without the notice. A RAY_AUTH_MODE
+    the user set is kept as it is, and a cluster's auth is never changed."""
+    if os.environ.get(AUTH_MODE_ENV) is not None:
+        return
+    os.environ[AUTH_MODE_ENV] = "token"
+    try:
+        from ray._raylet import Config  # private: what Ray's own default does to pick up the mode
+
+        Config.initialize("")
+    except Exception as error:  # moved in another Ray: Ray then enables it itself, with its notice
+        os.environ.pop(AUTH_MODE_ENV, None)
+        log.debug("could not set Ray's token authentication explicitly: %s", error)
 
 
 GPU_WAIT_S = 900.0  # default of --gpu-wait-s: a cloud autoscaler's GPU node takes minutes to join

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from typing import TYPE_CHECKING
 
 from hqsam.hqsam_core.evaluation import BatchEvaluation, evaluate_batch_with_masks, summarize
 from hqsam.hqsam_core.masks import encode_rle
 from hqsam.hqsam_core.refiner import BoxRefiner
 from hqsam.pipeline.load_samples import SampleError, load_sample
 from hqsam.schemas.train_rows import LoadedSample
+
+if TYPE_CHECKING:
+    from hqsam.pipeline.progress import ProgressReporter
 
 log = logging.getLogger(__name__)
 
@@ -23,10 +27,11 @@ def evaluate_rows(
     hq_token_only: bool = True,
     resize: str = "square",
     predictions: list | None = None,
+    progress: ProgressReporter | None = None,
 ) -> tuple[dict[str, list], list[str], int]:
     """Per-sample metrics of sample rows (evaluation.evaluate_batch_with_masks), each sample's source,
     and how many rows could not be loaded. With `predictions`, the COCO detections of the scored HQ
-    masks (`coco_predictions`) are appended to it."""
+    masks (`coco_predictions`) are appended to it; `progress` advances by each batch's rows."""
     per_sample: dict[str, list] = defaultdict(list)
     sources: list[str] = []
     skipped = 0
@@ -35,6 +40,8 @@ def evaluate_rows(
         samples = loadable_samples(batch)
         skipped += len(batch) - len(samples)
         if not samples:
+            if progress is not None:
+                progress.advance(len(batch), skipped=len(batch))
             continue
         evaluation = evaluate_batch_with_masks(
             refiner,
@@ -49,6 +56,8 @@ def evaluate_rows(
         sources.extend(s["source"] for s in samples)
         if predictions is not None:
             predictions.extend(coco_predictions(samples, evaluation))
+        if progress is not None:
+            progress.advance(len(batch), skipped=len(batch) - len(samples))
     return dict(per_sample), sources, skipped
 
 

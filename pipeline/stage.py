@@ -24,6 +24,8 @@ worker, a native crash, would be retried for ever and the run would hang):
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ClassVar
 
@@ -58,7 +60,7 @@ class Stage:
         raise NotImplementedError
 
     def ray_options(self) -> dict[str, Any]:
-        """Extra keyword arguments for Ray Data's map/map_batches (resources, compute strategy)."""
+        """Named parameters of Ray Data's map_batches/flat_map (compute, num_cpus, num_gpus, memory)."""
         return {}
 
     @property
@@ -93,24 +95,40 @@ def apply_ray(dataset, stages: list[Stage], *, keep_going: bool = False):
     `keep_going`: a block that fails after its retries is dropped, not fatal: the run goes on and
     the caller accounts for its rows."""
     for stage in stages:
-        options = retry_options(stage) | stage.ray_options()
-        if stage.on_actor:
-            dataset = dataset.map_batches(
-                _BatchOnActor,
-                fn_constructor_args=(stage,),
-                batch_size=stage.batch_size or 1,
-                batch_format="numpy",
-                **options,
-            )
-        elif stage.batch_size:
-            dataset = dataset.map_batches(
-                _batch_task(stage), batch_size=stage.batch_size, batch_format="numpy", **options
-            )
-        else:
-            dataset = dataset.flat_map(_row_task(stage), **options)
+        with _retry_bounds_allowed():
+            dataset = _append(dataset, stage, **(retry_options(stage) | stage.ray_options()))
     if keep_going:
         dataset.context.max_errored_blocks = -1  # this dataset's copy of the context, not the driver's
     return dataset
+
+
+def _append(dataset, stage: Stage, **options):
+    if stage.on_actor:
+        return dataset.map_batches(
+            _BatchOnActor,
+            fn_constructor_args=(stage,),
+            batch_size=stage.batch_size or 1,
+            batch_format="numpy",
+            **options,
+        )
+    if stage.batch_size:
+        return dataset.map_batches(
+            _batch_task(stage), batch_size=stage.batch_size, batch_format="numpy", **options
+        )
+    return dataset.flat_map(_row_task(stage), **options)
+
+
+@contextlib.contextmanager
+def _retry_bounds_allowed() -> Iterator[None]:
+    """Ray 2.60 deprecates passing remote options as extra keyword arguments (`ray_remote_args`),
+    but names parameters for resources and scheduling only: `retry_options` has no other way in,
+    so its deprecation warning is ours to silence here, and only here. `Stage.ray_options` uses the
+    named parameters (compute, num_cpus, num_gpus, memory, ...)."""
+    from ray.util.annotations import RayDeprecationWarning
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"`ray_remote_args` is deprecated", RayDeprecationWarning)
+        yield
 
 
 def retry_options(stage: Stage) -> dict[str, int]:

@@ -2,7 +2,8 @@
 
 Parse the sources into light rows (no pixels), check the settings and the base checkpoint, record
 the settings in OUT, start a `TorchTrainer` whose workers (`pipeline/train_worker.py`) stream
-decoded samples from Ray Data, then export the last checkpoint (`pipeline/train_checkpoints.py`).
+decoded samples from Ray Data, shows their progress (`pipeline/train_progress.py`), then export the
+last checkpoint (`pipeline/train_checkpoints.py`).
 
 OUT holds Ray Train's run (checkpoint_<step> folders, its snapshot), `train_config.json`, and at the
 end `hq_head.pth`, `model.pth` and `metrics.json`. Running the same command again resumes.
@@ -25,6 +26,7 @@ from hqsam.pipeline.load_samples import LoadSamples
 from hqsam.pipeline.stage import apply_ray
 from hqsam.pipeline.train_checkpoints import export_run
 from hqsam.pipeline.train_config import TrainConfig, TrainError, check_config, record_config
+from hqsam.pipeline.train_progress import TrainingProgress
 from hqsam.pipeline.train_sources import merge_sources, parse_source, shuffled
 
 log = logging.getLogger(__name__)
@@ -47,8 +49,7 @@ def run_train(config: TrainConfig, *, progress: bool = True) -> dict:
     data = training_data(config)
     check_base(config.model, config.checkpoint, config.hq_head)
     record_config(config)
-    _start_ray(config, progress)
-    trainer = _trainer(config, data)
+    _start_ray(config)
     log.info(
         "training on %d samples (%s), %d steps per epoch, %d workers",
         data.rows.num_rows,
@@ -56,7 +57,14 @@ def run_train(config: TrainConfig, *, progress: bool = True) -> dict:
         data.steps_per_epoch,
         config.workers,
     )
-    result = trainer.fit()
+    total = data.steps_per_epoch * config.epochs
+    with TrainingProgress(
+        min(total, config.max_steps or total),
+        config.workers * config.batch_size,
+        config.epochs,
+        enabled=progress,
+    ) as shown:
+        result = _trainer(config, data, shown.queue).fit()
     # A finished run started again trains nothing and reports no checkpoint: export its last one.
     checkpoint = None
     if result.checkpoint is not None:  # a folder of OUT: Ray Train's run folder is OUT itself
@@ -104,11 +112,11 @@ def sample_dataset(rows: pa.Table):
     return apply_ray(dataset, [LoadSamples()])
 
 
-def _start_ray(config: TrainConfig, progress: bool) -> None:
+def _start_ray(config: TrainConfig) -> None:
     import ray
 
     own = not ray.is_initialized()
-    init_ray(log_to_driver=progress)  # Ray Data's bars would interleave with the workers' loss lines
+    init_ray()
     if own:
         # A local Ray of our own: workers that reserve every CPU would leave none to decode data
         # and the run would wait forever; say so now. (A cluster may still be scaling up.)
@@ -120,7 +128,7 @@ def _start_ray(config: TrainConfig, progress: bool) -> None:
             )
 
 
-def _trainer(config: TrainConfig, data: TrainingData):
+def _trainer(config: TrainConfig, data: TrainingData, progress_queue=None):
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -134,6 +142,7 @@ def _trainer(config: TrainConfig, data: TrainingData):
             **asdict(config),
             "val_rows": data.val_rows,
             "steps_per_epoch": data.steps_per_epoch,
+            "progress_queue": progress_queue,  # rank 0's steps and losses for the driver
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.workers,
@@ -147,8 +156,6 @@ def _trainer(config: TrainConfig, data: TrainingData):
             storage_filesystem=filesystem,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
-            # Ray Train's print patch would echo every progress line twice.
-            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
         ),
         datasets={"train": sample_dataset(data.rows)},
     )

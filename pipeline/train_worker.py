@@ -2,9 +2,9 @@
 
 Each worker loads BASE (SAM frozen), restores the checkpoint Ray Train hands it (a resumed run) and
 runs epochs: Ray Data's prefetch threads augment each sample (`AugmentCollate`, the official recipe),
-`train_step` runs one optimizer step, losses are averaged over the workers, rank 0 prints progress
-and writes checkpoints through `ray.train.report` (every --checkpoint-every steps and at each epoch's
-end), and the validation sources are scored at each epoch's end.
+`train_step` runs one optimizer step, losses are averaged over the workers, rank 0 writes checkpoints through `ray.train.report` (every --checkpoint-every steps and at each epoch's
+end), and the validation sources are scored at each epoch's end. Rank 0 tells the driver each step's
+loss (`pipeline/train_progress.py`): the workers print nothing of their own.
 """
 
 from __future__ import annotations
@@ -37,8 +37,7 @@ from hqsam.hqsam_core.training import (
 from hqsam.pipeline.evaluate_samples import evaluate_rows, summarize_by_source
 from hqsam.pipeline.train_checkpoints import checkpoint_name, restore_checkpoint, write_checkpoint
 from hqsam.pipeline.train_config import TrainConfig
-
-LOG_PREFIX = "[hqsam train]"
+from hqsam.pipeline.train_progress import StepTeller
 
 
 @dataclass
@@ -70,6 +69,7 @@ class Worker:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     progress: Progress
     last_report: int  # the global step last reported to Ray Train, -1 for none
+    teller: StepTeller  # the driver's progress line (rank 0; a silent one on other ranks)
 
     @property
     def autocast(self) -> torch.dtype | None:
@@ -92,7 +92,8 @@ class AugmentCollate(NumpyBatchCollateFn):
 
 
 def train_loop(loop_config: dict) -> None:
-    """Ray Train's per-worker function: TrainConfig's fields plus val_rows and steps_per_epoch."""
+    """Ray Train's per-worker function: TrainConfig's fields plus val_rows, steps_per_epoch and
+    progress_queue (the driver's, or None)."""
     worker = start_worker(loop_config)
     shard = ray.train.get_dataset_shard("train")
     max_steps = worker.config.max_steps or math.inf
@@ -115,8 +116,10 @@ def start_worker(loop_config: dict) -> Worker:
     params = freeze_sam_(sam)
     sam.eval()  # the HQ modules have no train/eval-dependent layers; SAM's BatchNorms must stay eval
     optimizer, scheduler = make_optimizer(params, config.lr, config.lr_drop_epoch)
-    progress, last_report = _restore(sam, optimizer, scheduler, rank)
+    progress, last_report = _restore(sam, optimizer, scheduler)
     progress.starts = [*progress.starts, progress.global_step]
+    teller = StepTeller(loop_config.get("progress_queue") if rank == 0 else None, config.log_every)
+    teller.started(progress.global_step, progress.epoch)
     net = _distributed(HQTrainingModule(sam), world, device)
     torch.manual_seed(config.seed * 1000 + rank + 7919 * progress.global_step)
     return Worker(
@@ -132,20 +135,17 @@ def start_worker(loop_config: dict) -> Worker:
         scheduler=scheduler,
         progress=progress,
         last_report=last_report,
+        teller=teller,
     )
 
 
-def _restore(sam: nn.Module, optimizer, scheduler, rank: int) -> tuple[Progress, int]:
+def _restore(sam: nn.Module, optimizer, scheduler) -> tuple[Progress, int]:
     """The progress of the checkpoint Ray Train hands this worker (its weights loaded), or a fresh start."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return Progress(), -1
     with checkpoint.as_directory() as directory:
         progress = Progress(**restore_checkpoint(directory, sam, optimizer, scheduler))
-    if rank == 0:
-        print(
-            f"{LOG_PREFIX} resuming at step {progress.global_step} (epoch {progress.epoch + 1})", flush=True
-        )
     return progress, progress.global_step
 
 
@@ -174,8 +174,7 @@ def run_epoch(worker: Worker, shard) -> None:
         progress.epoch, progress.step_in_epoch, progress.epoch_totals = epoch + 1, 0, [0.0] * 5
     record["val"] = validate(worker)
     set_record(progress.history, record)
-    if worker.rank == 0:
-        _log_epoch(epoch, record, stopped_early)
+    worker.teller.note(epoch_line(epoch, record, stopped_early))
     report(worker, record, epoch_end=not stopped_early)
 
 
@@ -191,8 +190,7 @@ def _train_steps(worker: Worker, batches, skip: int) -> bool:
         elapsed = time.monotonic() - started
         _count(progress, values, seconds_before + elapsed)
         progress.step_in_epoch = index + 1
-        if worker.rank == 0 and (progress.global_step % config.log_every == 0 or progress.global_step == 1):
-            _log_step(worker, values, index + 1 - skip, elapsed)
+        worker.teller.step(progress.global_step, progress.epoch, float(values[0]))
         if progress.global_step >= max_steps:
             return True
         if config.checkpoint_every and progress.global_step % config.checkpoint_every == 0:
@@ -282,24 +280,11 @@ def set_record(history: list, record: dict) -> None:
     history[:] = [r for r in history if r["epoch"] != record["epoch"]] + [record]
 
 
-def _log_step(worker: Worker, values: torch.Tensor, steps_done: int, elapsed: float) -> None:
-    config, progress = worker.config, worker.progress
-    rate = steps_done * config.batch_size / max(elapsed, 1e-9)
-    print(
-        f"{LOG_PREFIX} epoch {progress.epoch + 1}/{config.epochs} "
-        f"step {progress.step_in_epoch}/{worker.steps_per_epoch} "
-        f"(total {progress.global_step}) loss {values[0]:.4f} bce {values[1]:.4f} "
-        f"dice {values[2]:.4f} lr {worker.optimizer.param_groups[0]['lr']:.2e} "
-        f"{rate:.2f} samples/s/worker",
-        flush=True,
-    )
-
-
-def _log_epoch(epoch: int, record: dict, stopped_early: bool) -> None:
+def epoch_line(epoch: int, record: dict, stopped_early: bool) -> str:
+    """An epoch's end for the driver's log: its mean loss and validation scores."""
     val = (record["val"] or {}).get("overall", {})
-    shown = " ".join(f"{k} {v:.4f}" for k, v in val.items() if isinstance(v, float))
-    print(
-        f"{LOG_PREFIX} epoch {epoch + 1} {'stopped at --max-steps' if stopped_early else 'done'}: "
-        f"loss {record['train_loss'] or float('nan'):.4f} {shown}",
-        flush=True,
+    shown = "".join(f", {k} {v:.4f}" for k, v in val.items() if isinstance(v, float))
+    return (
+        f"epoch {epoch + 1} {'stopped at --max-steps' if stopped_early else 'done'}: "
+        f"loss {record['train_loss'] or float('nan'):.4f}{shown}"
     )
