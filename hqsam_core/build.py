@@ -14,6 +14,7 @@ from hqsam.hqsam_core.checkpoint import CheckpointError, hq_keys, merge_checkpoi
 from hqsam.hqsam_core.fast_attention import ATTENTION_KINDS, set_attention
 from hqsam.hqsam_core.hqsam import HQSam
 from hqsam.hqsam_core.mask_decoder_hq import MaskDecoderHQ
+from hqsam.hqsam_core.random_weights import RANDOM_WEIGHTS_SEED, is_random_weights, randomize_
 from hqsam.hqsam_core.tiny_vit import TinyViT, early_feature_to_nchw
 from hqsam.hqsam_core.variants import VARIANTS
 from hqsam.hqsam_core.zoo import shown_source
@@ -122,30 +123,54 @@ def build_hqsam(
 
     `checkpoint` is an HQ-SAM checkpoint, or a plain SAM one together with `hq_head` (a file of
     HQ keys). Sources may be paths, fsspec URIs or zoo names, each optionally pinned to its
-    sha256 (`SOURCE#sha256=HEX`, see hqsam_core.zoo). Without `checkpoint` the weights
-    are random. A plain SAM checkpoint without `hq_head` is refused unless `allow_random_hq_head`.
+    sha256 (`SOURCE#sha256=HEX`, see hqsam_core.zoo). `checkpoint="random"` gives random weights
+    of one fixed seed (the same model in every process: a dry run without the official files; its
+    masks are meaningless). Without `checkpoint` the weights are PyTorch's default initialisation.
+    A plain SAM checkpoint without `hq_head` is refused unless `allow_random_hq_head`.
     `attention` is "sam" (SAM's own attention modules: the official computation) or "sdpa"
     (`hqsam_core.fast_attention.FusedAttention`: same parameters and keys, fused kernels); it
     concerns SAM ViT encoders only (vit_tiny's TinyViT keeps its own attention).
     """
     if attention not in ATTENTION_KINDS:
         raise ValueError(f"attention must be one of {', '.join(ATTENTION_KINDS)}, got {attention!r}")
-    model = _construct(variant)
+    random = is_random_weights(checkpoint)
+    model = _random_model(variant, hq_head) if random else _construct(variant)
     set_attention(model.image_encoder, attention)
-    if checkpoint is not None:
+    if checkpoint is not None and not random:
         model.load_state_dict(_checked_state(model, checkpoint, hq_head, allow_random_hq_head), strict=True)
-    elif hq_head is not None:
+    elif hq_head is not None and not random:
         raise ValueError("hq_head needs a base checkpoint.")
     return model.eval()
+
+
+def _random_model(variant: str, hq_head: str | None) -> HQSam:
+    """The variant with the random weights of RANDOM_WEIGHTS_SEED: the same in every process."""
+    _refuse_head_for_random_weights(hq_head)
+    log.warning("%s has random weights: its masks are meaningless (a dry run only).", variant)
+    with torch.random.fork_rng(devices=[]):
+        # Seeded construction too: some buffers are drawn there (the prompt encoder's Fourier features).
+        torch.manual_seed(RANDOM_WEIGHTS_SEED)
+        return randomize_(_construct(variant), seed=RANDOM_WEIGHTS_SEED)
 
 
 def check_checkpoint(
     variant: str, checkpoint: str, hq_head: str | None = None, *, allow_random_hq_head: bool = False
 ) -> None:
     """Raise CheckpointError unless build_hqsam would load these weights; allocates no model."""
+    if is_random_weights(checkpoint):
+        _refuse_head_for_random_weights(hq_head)
+        return
     with torch.device("meta"):
         model = _construct(variant)
     _checked_state(model, checkpoint, hq_head, allow_random_hq_head)
+
+
+def _refuse_head_for_random_weights(hq_head: str | None) -> None:
+    if hq_head is not None:
+        raise CheckpointError(
+            f"random weights take no HQ head ({shown_source(hq_head)}): leave out the head, or pass "
+            "a real checkpoint to combine it with."
+        )
 
 
 def _construct(variant: str) -> HQSam:

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from hqsam.hqsam_core import storage
 from hqsam.hqsam_core.errors import HqsamError
+from hqsam.hqsam_core.random_weights import is_random_weights
 from hqsam.hqsam_core.variants import VariantName, default_checkpoint
 
 _HQ_SAM_BASE_URL = "https://huggingface.co/lkeab/hq-sam/resolve/main"
@@ -36,8 +37,11 @@ _SAM_BASE_URL = "https://dl.fbaipublicfiles.com/segment_anything"
 _CHUNK_BYTES = 1 << 20
 # Per socket operation, so a slow but live multi-GB transfer is never cut off.
 _NETWORK_TIMEOUT_S = 60.0
-_ZOO_ADVICE = "download it elsewhere and pass --checkpoint PATH, or set HQSAM_ZOO_URL to a mirror"
-_URL_ADVICE = "download it elsewhere and pass --checkpoint PATH"
+# The Python API's words: the CLI's users pass the path with --checkpoint, callers of build_hqsam as
+# its checkpoint argument.
+_ZOO_ADVICE = "download it elsewhere and pass the file's path as checkpoint, or set HQSAM_ZOO_URL to a mirror"
+_URL_ADVICE = "download it elsewhere and pass the file's path as checkpoint"
+_COPY_ADVICE = "copy it elsewhere and pass the file's path as checkpoint"
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-\d+/(\d+|\*)")
 PIN_MARK = "#sha256="
 ZOO_PINS_ENV = "HQSAM_ZOO_SHA256"
@@ -165,6 +169,8 @@ def pinned(source: str, sha256: str | None) -> str:
     if sha256 is None:
         return source
     pin = checked_sha256(sha256, "--checkpoint-sha256")
+    if is_random_weights(source):
+        raise CheckpointSourceError("Random weights have no file whose sha256 could be pinned.")
     bare, existing = split_pin(source)
     if existing is not None and existing != pin:
         raise CheckpointSourceError(f"{shown_source(bare)} is pinned twice, to {existing} and to {pin}.")
@@ -262,7 +268,7 @@ def _fetch_url(url: str, progress: bool, pins: list[str]) -> Path:
 def _fetch_fsspec(uri: str, progress: bool, pins: list[str]) -> Path:
     dest = _source_cache_path(uri)
     shown = _redact(uri)
-    advice = "copy it elsewhere and pass --checkpoint PATH"
+    advice = _COPY_ADVICE
     try:
         filesystem, remote_path = storage.url_to_fs(uri)
         remote_size = filesystem.size(remote_path)

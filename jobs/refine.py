@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -16,6 +17,7 @@ from hqsam.jobs.options import (
     HQ_HEAD_OPTION,
     MODEL_OPTION,
     PROGRESS_OPTION,
+    VERBOSE_OPTION,
     Device,
     Precision,
     Variant,
@@ -23,6 +25,9 @@ from hqsam.jobs.options import (
     device_or_default,
     fail,
 )
+
+if TYPE_CHECKING:
+    from hqsam.pipeline.refine_run import RefineConfig
 
 
 class OutputFormat(str, enum.Enum):
@@ -36,7 +41,7 @@ class BoxSource(str, enum.Enum):
 
 
 IMAGES_HELP = "Root that file_name / image_uri are relative to (default: the annotation file's folder)."
-FORMAT_HELP = "parquet: OUT/part-*.parquet; coco: also OUT/annotations.json."
+FORMAT_HELP = "parquet: OUT/rows/part-*.parquet; coco: also OUT/annotations.json."
 BOX_SOURCE_HELP = "Prompt with the annotation's bbox, or with the tight box of its segmentation."
 CROP_ZOOM_HELP = (
     "Refine boxes whose long side is under this share of the image's on a zoomed crop (e.g. 0.25)."
@@ -71,6 +76,9 @@ GPU_WAIT_OPTION = typer.Option(
     "--gpu-wait-s",
     min=0.0,
     help="With --device cuda on an autoscaling cluster: seconds to wait for a GPU node.",
+)
+RANDOM_WEIGHTS_WARNING = (
+    "warning: --checkpoint random: the model has random weights, so its masks are meaningless (a dry run)"
 )
 MAX_ERROR_RATE_OPTION = typer.Option(
     0.01, "--max-error-rate", min=0.0, max=1.0, help="Exit 1 when more than this share of annotations failed."
@@ -119,6 +127,7 @@ def refine(
     max_error_rate: float = MAX_ERROR_RATE_OPTION,
     gpu_wait_s: float = GPU_WAIT_OPTION,
     progress: bool = PROGRESS_OPTION,
+    verbose: bool = VERBOSE_OPTION,
     address: str | None = ADDRESS_OPTION,
     detach: bool = DETACH_OPTION,
     forward_env: list[str] = FORWARD_ENV_OPTION,
@@ -128,50 +137,73 @@ def refine(
     Every annotation ends as exactly one row with a status: ok, image_missing, image_unreadable,
     image_size_mismatch, invalid_box, crowd_skipped or inference_failed. A summary is printed and
     written to OUT/summary.json.
+
+    A dry run without the official weights: --checkpoint random (random weights of one fixed seed).
+    Their masks are MEANINGLESS; every row's model says so (vit_tiny:random, not
+    vit_tiny:sha256=<12 hex>), and --format coco takes --overwrite.
     """
-    from hqsam.pipeline.refine_pipeline import RefineSettings
-    from hqsam.pipeline.refine_run import RefineConfig, run_refine
+    options = dict(locals())  # the parsed options by name, for refine_config
+    from hqsam.pipeline.refine_run import refuse_meaningless_coco, run_refine
     from hqsam.pipeline.refine_summary import exit_code
     from hqsam.pipeline.submission import submit_if_requested
 
     if crop_zoom is not None and not 0 < crop_zoom <= 1:
         fail(f"--crop-zoom {crop_zoom} is outside (0, 1]: give the share of the image's long side, e.g. 0.25")
+    refuse_meaningless_coco(checkpoint, format.value, overwrite)  # here too: before a job is submitted
     submit_if_requested(ctx, address, detach, forward_env)
-    if resume and overwrite:
-        fail("--resume and --overwrite exclude each other")
-    min_actors, max_actors = parse_actors(actors)
-    settings = RefineSettings(
-        variant=model.value,
-        checkpoint=checkpoint_or_default(checkpoint, model, checkpoint_sha256),
-        hq_head=hq_head,
-        device=device_or_default(device),
-        batch_size=batch_size,
-        min_actors=min_actors,
-        max_actors=max_actors,
-        hq_token_only=hq_token_only,
-        box_source=box_source.value,
-        max_prompts=max_prompts,
-        torch_threads=threads,
-        precision=precision and precision.value,
-        compile=compile,
-        crop_zoom=crop_zoom,
-        images_per_file=images_per_file,
-    )
-    config = RefineConfig(
-        annotations=annotations,
-        out=out,
-        images=images,
-        format=format.value,
-        settings=settings,
-        resume=resume,
-        overwrite=overwrite,
-        limit=limit,
-        max_error_rate=max_error_rate,
-        gpu_wait_s=gpu_wait_s,
-    )
+    config = refine_config(options)
+    warn_if_random_weights(checkpoint)
     summary = run_refine(config, progress=progress)
     report(summary)
     raise typer.Exit(exit_code(summary))
+
+
+def warn_if_random_weights(checkpoint: str | None) -> None:
+    """One line before a dry run: the masks of random weights are meaningless."""
+    from hqsam.hqsam_core.random_weights import is_random_weights
+
+    if is_random_weights(checkpoint):
+        typer.secho(RANDOM_WEIGHTS_WARNING, err=True, fg=typer.colors.YELLOW)
+
+
+def refine_config(options: dict[str, Any]) -> RefineConfig:
+    """The run's RefineConfig from `refine`'s parsed options."""
+    from hqsam.pipeline.refine_pipeline import RefineSettings
+    from hqsam.pipeline.refine_run import RefineConfig
+
+    if options["resume"] and options["overwrite"]:
+        fail("--resume and --overwrite exclude each other")
+    min_actors, max_actors = parse_actors(options["actors"])
+    model, precision = options["model"], options["precision"]
+    settings = RefineSettings(
+        variant=model.value,
+        checkpoint=checkpoint_or_default(options["checkpoint"], model, options["checkpoint_sha256"]),
+        hq_head=options["hq_head"],
+        device=device_or_default(options["device"]),
+        batch_size=options["batch_size"],
+        min_actors=min_actors,
+        max_actors=max_actors,
+        hq_token_only=options["hq_token_only"],
+        box_source=options["box_source"].value,
+        max_prompts=options["max_prompts"],
+        torch_threads=options["threads"],
+        precision=precision and precision.value,
+        compile=options["compile"],
+        crop_zoom=options["crop_zoom"],
+        images_per_file=options["images_per_file"],
+    )
+    return RefineConfig(
+        annotations=options["annotations"],
+        out=options["out"],
+        images=options["images"],
+        format=options["format"].value,
+        settings=settings,
+        resume=options["resume"],
+        overwrite=options["overwrite"],
+        limit=options["limit"],
+        max_error_rate=options["max_error_rate"],
+        gpu_wait_s=options["gpu_wait_s"],
+    )
 
 
 def report(summary: dict) -> None:

@@ -37,6 +37,14 @@ class RefineSettings:
     compile: bool = False  # torch.compile the decoder (first batch pays the compile)
     crop_zoom: float | None = None  # refine boxes smaller than this share of the image on a zoomed crop
     images_per_file: int = 512
+    # Every output row's `model`: the variant and its weights (run_identity.weights_label), e.g.
+    # vit_tiny:sha256=<12 hex> or vit_tiny:random; None writes the variant alone.
+    model_label: str | None = None
+
+    @property
+    def model_column(self) -> str:
+        """The `model` written in every output row: model_label, or the variant when there is none."""
+        return self.model_label or self.variant
 
 
 def refine_stages(out: str, settings: RefineSettings) -> list[Stage]:
@@ -46,7 +54,7 @@ def refine_stages(out: str, settings: RefineSettings) -> list[Stage]:
         DecodeImages(settings.box_source),
         RefineMasks(settings),
         EncodeMasks(),
-        WriteParquetParts(out, settings.variant, settings.images_per_file),
+        WriteParquetParts(out, settings.model_column, settings.images_per_file),
     ]
 
 

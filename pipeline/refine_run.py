@@ -10,12 +10,13 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pyarrow as pa
 
 from hqsam.hqsam_core import storage
 from hqsam.hqsam_core.build import check_checkpoint
+from hqsam.hqsam_core.errors import HqsamError
+from hqsam.hqsam_core.random_weights import is_random_weights
 from hqsam.hqsam_core.zoo import fetch_checkpoint
 from hqsam.pipeline.cluster import GPU_WAIT_S, init_ray, on_cluster, wait_for_gpus
 from hqsam.pipeline.manifest import (
@@ -29,11 +30,15 @@ from hqsam.pipeline.out_lease import STALE_AFTER_S, out_lease, refuse_if_leased
 from hqsam.pipeline.read_refined import not_yet_written
 from hqsam.pipeline.refine_pipeline import RefineSettings, build_refine_dataset
 from hqsam.pipeline.refine_summary import account
-from hqsam.pipeline.run_identity import check_same_job, record_identity, run_identity
+from hqsam.pipeline.run_identity import check_same_job, record_identity, run_identity, weights_label
 from hqsam.pipeline.write_coco import write_coco
 from hqsam.pipeline.write_leftovers import write_leftovers
 
 log = logging.getLogger(__name__)
+
+
+class RefineRefusedError(HqsamError):
+    """A refine job asked for something it must not do (e.g. COCO output from a Parquet manifest)."""
 
 
 @dataclass
@@ -58,28 +63,72 @@ def run_refine(config: RefineConfig, *, progress: bool = True) -> dict:
     be checked is checked before anything is created in OUT; the run then holds OUT's lease to its end."""
     started = time.time()
     config = with_absolute_paths(config)
-    tasks, checkpoint_path, identity = check_job(config)
+    tasks, identity = check_job(config)
+    # Computed once, from the hash of the identity: every row's `model` traces the weights.
+    config = dataclasses.replace(
+        config, settings=dataclasses.replace(config.settings, model_label=weights_label(identity))
+    )
     with out_lease(config.out, stale_after_s=config.lease_timeout_s):
         claim_out(config, identity)
-        return refine_into_out(config, tasks, checkpoint_path, started, progress)
+        return refine_into_out(config, tasks, identity, started, progress)
 
 
-def check_job(config: RefineConfig) -> tuple[pa.Table, Path, dict]:
-    """What can fail before OUT is touched, cheapest first: another run in OUT, the OUT policy, the
-    annotation file, the weights, and on --resume that OUT holds this same job. Returns the task rows,
-    the local checkpoint file and the run's identity (pipeline/run_identity.py)."""
+def check_job(config: RefineConfig) -> tuple[pa.Table, dict]:
+    """What can fail before OUT is touched, cheapest first: the output format, another run in OUT,
+    the OUT policy, the annotation file, the weights, on --resume that OUT holds this same job, and
+    the GPUs --device cuda needs. Returns the task rows and the run's identity
+    (pipeline/run_identity.py)."""
     settings = config.settings
+    refuse_meaningless_coco(settings.checkpoint, config.format, config.overwrite)
     refuse_if_leased(config.out)
     check_out(config.out, resume=config.resume, overwrite=config.overwrite)
+    if config.format == "coco" and is_parquet(config.annotations):
+        raise RefineRefusedError(
+            f"--format coco writes the input COCO file with refined masks, and "
+            f"{storage.redact(config.annotations)} is a Parquet manifest; use --format parquet"
+        )
     tasks = read_manifest(config.annotations, config.images).tasks
     if config.limit is not None:
         tasks = first_images(tasks, config.limit)
-    checkpoint_path = fetch_checkpoint(settings.checkpoint)
+    random = is_random_weights(settings.checkpoint)
+    checkpoint_path = None if random else fetch_checkpoint(settings.checkpoint)
     check_checkpoint(settings.variant, settings.checkpoint, settings.hq_head)  # before any actor starts
     identity = run_identity(config.annotations, config.images, settings, checkpoint_path)
     if config.resume:
         check_same_job(config.out, identity)
-    return tasks, checkpoint_path, identity
+    check_gpus(settings, config.gpu_wait_s)
+    return tasks, identity
+
+
+def refuse_meaningless_coco(checkpoint: str, format: str, overwrite: bool) -> None:
+    """Random weights make meaningless masks: written as COCO annotations they could pass for real
+    ones, so that takes --overwrite."""
+    if is_random_weights(checkpoint) and format == "coco" and not overwrite:
+        raise RefineRefusedError(
+            "--checkpoint random makes meaningless masks, and --format coco would write them as "
+            "annotations; use --format parquet for a dry run, or add --overwrite to write them anyway"
+        )
+
+
+def is_parquet(uri: str) -> bool:
+    """Whether the file at `uri` starts as a Parquet file does; False when there is no file (the
+    manifest reader says so)."""
+    fs, path = storage.url_to_fs(uri)
+    try:
+        return fs.cat_file(path, start=0, end=4) == b"PAR1"
+    except FileNotFoundError:
+        return False
+
+
+def check_gpus(settings: RefineSettings, timeout_s: float) -> None:
+    """With --device cuda, NoGpuError unless the Ray cluster has a GPU (on an autoscaling cluster,
+    once one has joined within `timeout_s`, asked for as refine_into_out asks for it again): checked
+    before OUT is touched, it leaves nothing behind. Starts Ray for CUDA devices only."""
+    if not settings.device.startswith("cuda"):
+        return
+    init_ray()
+    with requested_resources(settings):
+        wait_for_gpus(settings.device, timeout_s)
 
 
 def claim_out(config: RefineConfig, identity: dict) -> None:
@@ -92,7 +141,7 @@ def claim_out(config: RefineConfig, identity: dict) -> None:
 
 
 def refine_into_out(
-    config: RefineConfig, tasks: pa.Table, checkpoint_path: Path, started: float, progress: bool
+    config: RefineConfig, tasks: pa.Table, identity: dict, started: float, progress: bool
 ) -> dict:
     """Refine the tasks OUT has no rows of yet, write the COCO file if asked, and account for every
     annotation of `tasks`."""
@@ -107,7 +156,6 @@ def refine_into_out(
     if remaining.num_rows:
         init_ray()
         with requested_resources(settings):
-            wait_for_gpus(settings.device, config.gpu_wait_s)
             crash = None
             try:
                 dataset = build_refine_dataset(remaining, config.out, settings)
@@ -117,7 +165,7 @@ def refine_into_out(
             write_leftovers(remaining, config.out, settings, crash)
     if config.format == "coco":
         write_coco(config.annotations, config.out, only_processed_images=config.limit is not None)
-    summary = account(config, tasks, remaining, time.time() - started, checkpoint_path)
+    summary = account(config, tasks, remaining, time.time() - started, identity["checkpoint_sha256"])
     storage.write_json(storage.join(config.out, "summary.json"), summary)
     return summary
 
@@ -128,7 +176,8 @@ def with_absolute_paths(config: RefineConfig) -> RefineConfig:
     it is: a URI, or a zoo name such as sam_hq_vit_tiny."""
 
     def if_local_file(uri: str | None) -> str | None:
-        return storage.absolute(uri) if uri and os.path.exists(uri) else uri
+        local = uri and os.path.exists(uri) and not is_random_weights(uri)  # "random" names no file
+        return storage.absolute(uri) if local else uri
 
     settings = dataclasses.replace(
         config.settings,
@@ -170,8 +219,16 @@ def requested_resources(settings: RefineSettings) -> Iterator[None]:
 
 
 def _consume(dataset, annotations: int, progress: bool) -> None:
-    from tqdm import tqdm
+    """Run the dataset to its end; progress in rows (annotations) written, images per second and
+    failed rows so far (pipeline/progress.py)."""
+    from hqsam.pipeline.progress import ProgressReporter
+    from hqsam.schemas.status import NOT_FAILURES
 
-    with tqdm(total=annotations, unit="ann", disable=not progress, desc="refining") as bar:
+    reporter = ProgressReporter(
+        "refine", annotations, unit="rows", rate_unit="img/s", counters=("failed",), enabled=progress
+    )
+    with reporter:
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-            bar.update(sum(len(statuses) for statuses in batch["statuses"]))
+            statuses = [str(status) for image in batch["statuses"] for status in image]
+            failed = sum(status not in NOT_FAILURES for status in statuses)
+            reporter.advance(len(statuses), work=len(batch["statuses"]), failed=failed)

@@ -3,10 +3,10 @@ same job and never mixes the rows of another input, model, checkpoint or prompt 
 
 The identity holds what decides the masks: the input file (its size and a hash of its first and last
 MiB, so that a changed file at the same URI is caught without reading all of it), the images root,
-the model, the weights (sha256 of the checkpoint and HQ head files), the box source, --hq-token-only
-and --crop-zoom. It leaves out what only changes speed or numerics (batch size, actors, threads,
-prompts per decoder call, device, precision, compile): a resume may use another machine. URIs are
-recorded redacted.
+the model, the weights (sha256 of the checkpoint and HQ head files; "random" for random weights),
+the box source, --hq-token-only and --crop-zoom. It leaves out what only changes speed or numerics
+(batch size, actors, threads, prompts per decoder call, device, precision, compile): a resume may use
+another machine. URIs are recorded redacted.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from pathlib import Path
 
 from hqsam.hqsam_core import storage
 from hqsam.hqsam_core.errors import HqsamError
-from hqsam.hqsam_core.zoo import fetch_checkpoint, sha256_file
-from hqsam.pipeline.read_refined import PART_PREFIX
+from hqsam.hqsam_core.random_weights import RANDOM_WEIGHTS, is_random_weights
+from hqsam.hqsam_core.zoo import fetch_checkpoint, file_sha256
+from hqsam.pipeline.read_refined import part_files
 from hqsam.pipeline.refine_pipeline import RefineSettings
 
 log = logging.getLogger(__name__)
@@ -34,10 +35,14 @@ class RunMismatchError(HqsamError):
     """--resume into an OUT that holds another job's rows."""
 
 
-def run_identity(annotations: str, images: str | None, settings: RefineSettings, checkpoint: Path) -> dict:
-    """The identity of a run over `annotations`; `checkpoint` is the local file of the weights."""
+def run_identity(
+    annotations: str, images: str | None, settings: RefineSettings, checkpoint: Path | None
+) -> dict:
+    """The identity of a run over `annotations`; `checkpoint` is the local file of the weights (None
+    for random weights)."""
     size, ends = input_fingerprint(annotations)
     hq_head = fetch_checkpoint(settings.hq_head) if settings.hq_head else None
+    random = is_random_weights(settings.checkpoint)
     return {
         "annotations_uri": storage.redact(annotations),
         "annotations_size": size,
@@ -45,13 +50,24 @@ def run_identity(annotations: str, images: str | None, settings: RefineSettings,
         "images": storage.redact(images or storage.parent(annotations)),
         "model": settings.variant,
         "checkpoint_uri": storage.redact(settings.checkpoint),
-        "checkpoint_sha256": sha256_file(checkpoint),
+        "checkpoint_sha256": RANDOM_WEIGHTS if random else file_sha256(checkpoint),
         "hq_head_uri": storage.redact(settings.hq_head),
-        "hq_head_sha256": hq_head and sha256_file(hq_head),
+        "hq_head_sha256": hq_head and file_sha256(hq_head),
         "box_source": settings.box_source,
         "hq_token_only": settings.hq_token_only,
         "crop_zoom": settings.crop_zoom,
     }
+
+
+def weights_label(identity: dict) -> str:
+    """The `model` of a run's output rows: its variant and a trace of its weights, e.g.
+    vit_b:sha256=<first 12 hex of the checkpoint's>, +hq_head:sha256=<...> with an HQ head file,
+    or vit_tiny:random."""
+    model, checkpoint = identity["model"], identity["checkpoint_sha256"]
+    if checkpoint == RANDOM_WEIGHTS:
+        return f"{model}:{RANDOM_WEIGHTS}"
+    head = identity.get("hq_head_sha256")
+    return f"{model}:sha256={checkpoint[:12]}" + (f"+hq_head:sha256={head[:12]}" if head else "")
 
 
 def input_fingerprint(uri: str) -> tuple[int, str]:
@@ -104,7 +120,7 @@ def record_identity(out: str, identity: dict, *, resume: bool) -> None:
     recorded = read_identity(out) if resume else None
     if recorded == identity:
         return
-    if resume and recorded is None and storage.list_files(out, f"{PART_PREFIX}*.parquet"):
+    if resume and recorded is None and part_files(out):
         log.warning("%s has no run record: cannot check it holds this job's rows", storage.redact(out))
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     storage.write_json(record_uri(out), {"identity": identity, "started": started})

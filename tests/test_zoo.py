@@ -245,7 +245,8 @@ def test_unreachable_file_error_names_url_and_alternatives(
 
     message = _assert_one_sentence(err)
     assert url in message
-    assert "--checkpoint" in message
+    assert "pass the file's path as checkpoint" in message
+    assert "--checkpoint" not in message  # the Python API's words, not the CLI's flag
     assert "HQSAM_ZOO_URL" in message
     assert ("HTTP 404" in message) == (failure == "http-404")
     assert not (cache / "test.pth").exists()
@@ -334,7 +335,9 @@ def test_missing_fsspec_object_is_one_sentence_error(cache: Path) -> None:
     with pytest.raises(CheckpointSourceError) as err:
         fetch_checkpoint("memory://hqsam-test-zoo/missing.pth", progress=False)
 
-    assert "memory://hqsam-test-zoo/missing.pth" in _assert_one_sentence(err)
+    message = _assert_one_sentence(err)
+    assert "memory://hqsam-test-zoo/missing.pth" in message
+    assert "pass the file's path as checkpoint" in message and "--checkpoint" not in message
 
 
 def test_official_zoo_entries(monkeypatch: pytest.MonkeyPatch) -> None:
