@@ -330,7 +330,7 @@ def versions() -> dict:
     return {"ray": ray.__version__, "pyarrow": pyarrow.__version__, "orjson": orjson.__version__}
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -346,16 +346,14 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.images < 1 or args.annotations < 1 or args.repeats < 1:
         parser.error("--images, --annotations and --repeats must be at least 1")
+    return args
 
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="hqsam-manifest-") as temp:
         path = args.path or Path(temp) / "instances_train_synthetic.json"
-        if args.reuse and path.exists():
-            generated = {"bytes": path.stat().st_size, "reused": True}
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            started = time.perf_counter()
-            generated = generate(path, images=args.images, annotations=args.annotations, seed=args.seed)
-            generated["generate_s"] = time.perf_counter() - started
+        generated = coco_file(args, path)
         print(f"COCO file {path}: {generated['bytes'] / 1e6:.1f} MB {generated}", flush=True)
         runs = []
         for repeat in range(args.repeats):
@@ -366,7 +364,24 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{run['read_to_dataset_s']:.1f} s, peak RSS {run['peak_rss_bytes'] / 1e9:.2f} GB",
                 flush=True,
             )
+    result = summarize(generated, runs)
+    print_table(result)
+    write_result(args.json, result)
+    return result
 
+
+def coco_file(args: argparse.Namespace, path: Path) -> dict:
+    """The COCO file at `path`: generated, or with --reuse the one already there."""
+    if args.reuse and path.exists():
+        return {"bytes": path.stat().st_size, "reused": True}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    generated = generate(path, images=args.images, annotations=args.annotations, seed=args.seed)
+    generated["generate_s"] = time.perf_counter() - started
+    return generated
+
+
+def summarize(generated: dict, runs: list[dict]) -> dict:
     keys = (
         "import_s",
         "read_manifest_s",
@@ -377,7 +392,7 @@ def main(argv: list[str] | None = None) -> dict:
         "total_s",
     )
     median = {key: statistics.median(run[key] for run in runs) for key in (*keys, "peak_rss_bytes")}
-    result = {
+    return {
         "benchmark": "COCO-train-sized instances file -> read_manifest -> Ray dataset (build_refine_dataset)",
         "machine": machine(),
         "versions": versions(),
@@ -388,9 +403,6 @@ def main(argv: list[str] | None = None) -> dict:
         "meets_targets": median["read_to_dataset_s"] <= TARGET_MB[0]
         and median["peak_rss_bytes"] <= TARGET_MB[1] * 1e9,
     }
-    print_table(result)
-    write_result(args.json, result)
-    return result
 
 
 def print_table(r: dict) -> None:

@@ -595,6 +595,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    _add_workload_options(parser)
+    _add_refiner_options(parser)
+    args = parser.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        parser.error("--device cuda but CUDA is not available")
+    args.images = args.images or (64 if cuda else 4)
+    args.batch_size = args.batch_size or min(args.images, 16)
+    args.precisions = list(dict.fromkeys(args.precisions or (["fp32", "bf16"] if cuda else ["fp32"])))
+    args.compile = cuda if args.compile is None else args.compile
+    if min(args.images, args.boxes, args.repeats, args.batch_size) < 1:
+        parser.error("--images, --boxes, --repeats and --batch-size must be at least 1")
+    return args
+
+
+def _add_workload_options(parser: argparse.ArgumentParser) -> None:
+    """What runs where: model, device, weights, inputs, repeats, fixtures, output."""
     parser.add_argument("--model", default="vit_tiny", help="vit_tiny, vit_b, vit_l or vit_h")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument(
@@ -609,6 +626,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--batch-size", type=int, default=None, help="images per refine call (default: min(images, 16))"
     )
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: leave)")
+    parser.add_argument(
+        "--fixtures",
+        type=Path,
+        default=DEFAULT_FIXTURES,
+        help="fixtures folder (default: ../shared/fixtures)",
+    )
+    parser.add_argument("--json", type=Path, default=None, help="write the raw results here")
+
+
+def _add_refiner_options(parser: argparse.ArgumentParser) -> None:
+    """How our contestants are built: BoxRefiner options, precisions, compilation, allocator."""
     parser.add_argument(
         "--max-prompts", type=int, default=None, help="BoxRefiner max_prompts (default: its device default)"
     )
@@ -631,32 +662,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="also time ours compiled (torch.compile of the decoder) in the lowest precision (default: on for cuda)",
     )
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: leave)")
-    parser.add_argument(
-        "--fixtures",
-        type=Path,
-        default=DEFAULT_FIXTURES,
-        help="fixtures folder (default: ../shared/fixtures)",
-    )
     parser.add_argument(
         "--default-allocator",
         action="store_true",
         help="CPU: leave glibc's malloc as it is (default: keep freed memory, hqsam_core.allocator)",
     )
-    parser.add_argument("--json", type=Path, default=None, help="write the raw results here")
-    args = parser.parse_args(argv)
-    cuda = args.device.startswith("cuda")
-    if cuda and not torch.cuda.is_available():
-        parser.error("--device cuda but CUDA is not available")
-    args.images = args.images or (64 if cuda else 4)
-    args.batch_size = args.batch_size or min(args.images, 16)
-    args.precisions = list(dict.fromkeys(args.precisions or (["fp32", "bf16"] if cuda else ["fp32"])))
-    args.compile = cuda if args.compile is None else args.compile
-    if min(args.images, args.boxes, args.repeats, args.batch_size) < 1:
-        parser.error("--images, --boxes, --repeats and --batch-size must be at least 1")
-    return args
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -667,72 +677,15 @@ def main(argv: list[str] | None = None) -> dict:
     # Process-wide, so the official loop and ours run with the same allocator (as `hqsam` CPU workers).
     retained = device.type == "cpu" and not args.default_allocator and retain_freed_memory()
     images, boxes = make_inputs(args.images, args.boxes, args.seed)
-    num_boxes = sum(len(b) for b in boxes)
-    batch_size = args.batch_size
 
     model = build_model(args.model, args.checkpoint, args.seed)
     predictor = load_official(args.model, model.state_dict(), device)
     options = {"max_prompts": args.max_prompts, "encoder_batch": args.encoder_batch}
-    refiners: dict[str, BoxRefiner] = {}
-    for precision in args.precisions:
-        # The uncompiled precisions share one model: attention switching is the same for all of them.
-        refiners[f"ours_{precision}"] = BoxRefiner(model, device, precision=precision, **options)
-    cache_files_before = None
-    if args.compile:
-        # compiled in the lowest precision asked for: bf16 where it is, as issue 7 times it
-        lowest = next((p for p in args.precisions if p != "fp32"), "fp32")
-        cache_files_before = inductor_cache_files()
-        refiners[f"ours_{lowest}_compile"] = BoxRefiner(
-            copy_model(model), device, precision=lowest, compile=True, **options
-        )
+    refiners, cache_files_before = build_refiners(args, model, device, options)
     memory = PeakMemory(device)
-
-    contestants: dict[str, Callable[[], list[Output]]] = {
-        "official": lambda: run_official(predictor, images, boxes)
-    }
-    stage_runs: dict[str, Callable[[], dict]] = {
-        "official": lambda: run_official_stages(predictor, images, boxes)
-    }
-    for name, refiner in refiners.items():
-        contestants[name] = lambda refiner=refiner: run_ours(refiner, images, boxes, batch_size)
-        stage_runs[name] = lambda refiner=refiner: run_ours_stages(refiner, images, boxes, batch_size)
-
-    # Warm-up, one pass of each: it pays first-call costs (compilation included) and its outputs
-    # give the agreement numbers. Then the repeats, interleaved.
     loadavg_before = os.getloadavg()
-    warmups, outputs = {}, {}
-    for name, fn in contestants.items():
-        warmups[name], outputs[name] = timed(fn, device, memory)
-    runs: dict[str, list[dict]] = {name: [] for name in contestants}
-    for _ in range(args.repeats):
-        for name, fn in contestants.items():
-            run, _ = timed(fn, device, memory)
-            runs[name].append(run)
-    summary = {}
-    for name in contestants:
-        summary[name] = summarize(runs[name], warmups[name], args.images, num_boxes)
-        summary[name]["stages_s"] = stage_runs[name]()  # one more pass, with per-stage timings
-        summary[name]["speedup_over_official_median"] = (
-            summary["official"]["median_s"] / summary[name]["median_s"]
-        )
-        summary[name]["speedup_over_official_best"] = summary["official"]["min_s"] / summary[name]["min_s"]
-        if name != "official":
-            summary[name]["agreement_vs_official"] = agreement(outputs["official"], outputs[name])
-    del outputs  # masks of every contestant: free them before the fixtures
-
-    fixtures, fixture_skip = None, None
-    lower = {name: refiner for name, refiner in refiners.items() if name != "ours_fp32"}
-    if not lower:
-        fixture_skip = "only fp32 ran: nothing to compare with ours in fp32"
-    else:
-        try:
-            loaded = load_fixtures(args.fixtures)
-        except FileNotFoundError as error:
-            fixture_skip = f"fixtures absent: {error}"
-        else:
-            reference = refiners.get("ours_fp32") or BoxRefiner(model, device, precision="fp32", **options)
-            fixtures = fixture_agreement(loaded, reference, lower)
-
+    summary = time_contestants(args, predictor, refiners, images, boxes, memory)
+    fixtures, fixture_skip = fixtures_vs_fp32(args, model, device, options, refiners)
     memory_probe = None
     if device.type == "cuda":
         # Ours in bf16 where it runs (the fast path the target is about), uncompiled: the probe's
@@ -740,7 +693,7 @@ def main(argv: list[str] | None = None) -> dict:
         uncompiled = [n for n in refiners if not n.endswith("_compile")]
         name = next((n for n in uncompiled if n != "ours_fp32"), uncompiled[0])
         memory_probe = {"contestant": name} | memory_vs_boxes(
-            refiners[name], images[:batch_size], args.boxes, args.seed, memory
+            refiners[name], images[: args.batch_size], args.boxes, args.seed, memory
         )
 
     result = {
@@ -756,28 +709,7 @@ def main(argv: list[str] | None = None) -> dict:
         "loadavg_after": list(os.getloadavg()),
         "env": {k: v for k, v in os.environ.items() if k in ENV_KEYS or k.startswith("MALLOC_")},
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "params": {
-            "model": args.model,
-            "weights": args.checkpoint or f"random (seed {args.seed})",
-            "images": args.images,
-            "boxes_per_image": args.boxes,
-            "total_boxes": num_boxes,
-            "batch_size": batch_size,
-            "max_prompts": args.max_prompts,
-            "image_sizes_hw": [list(image.shape[:2]) for image in images],
-            "refiners": {
-                name: {
-                    "precision": r.precision,
-                    "attention": r.attention,
-                    "compile": r.compile,
-                    "pad_prompts": r.pad_prompts,
-                    "encoder_batch": r.encoder_batch,
-                    "max_prompts": r.max_prompts,
-                }
-                for name, r in refiners.items()
-            },
-            "inductor_cache_files_before": cache_files_before,
-        },
+        "params": run_params(args, images, boxes, refiners, cache_files_before),
         "memory_method": memory.method,
         # the whole process's peak RSS (all models, inputs, outputs); ru_maxrss is in KiB on Linux
         "process_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -792,8 +724,120 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
+def build_refiners(
+    args: argparse.Namespace, model: HQSam, device: torch.device, options: dict
+) -> tuple[dict[str, BoxRefiner], int | None]:
+    """Ours, one per precision asked for, and compiled when asked; the inductor cache's file count
+    before compiling (None when not compiling)."""
+    refiners: dict[str, BoxRefiner] = {}
+    for precision in args.precisions:
+        # The uncompiled precisions share one model: attention switching is the same for all of them.
+        refiners[f"ours_{precision}"] = BoxRefiner(model, device, precision=precision, **options)
+    cache_files_before = None
+    if args.compile:
+        # compiled in the lowest precision asked for: bf16 where it is, as issue 7 times it
+        lowest = next((p for p in args.precisions if p != "fp32"), "fp32")
+        cache_files_before = inductor_cache_files()
+        refiners[f"ours_{lowest}_compile"] = BoxRefiner(
+            copy_model(model), device, precision=lowest, compile=True, **options
+        )
+    return refiners, cache_files_before
+
+
+def time_contestants(
+    args: argparse.Namespace, predictor, refiners: dict[str, BoxRefiner], images, boxes, memory: PeakMemory
+) -> dict[str, dict]:
+    """Each contestant's timings, stages and agreement with the official loop."""
+    device, batch_size = memory.device, args.batch_size
+    contestants: dict[str, Callable[[], list[Output]]] = {
+        "official": lambda: run_official(predictor, images, boxes)
+    }
+    stage_runs: dict[str, Callable[[], dict]] = {
+        "official": lambda: run_official_stages(predictor, images, boxes)
+    }
+    for name, refiner in refiners.items():
+        contestants[name] = lambda refiner=refiner: run_ours(refiner, images, boxes, batch_size)
+        stage_runs[name] = lambda refiner=refiner: run_ours_stages(refiner, images, boxes, batch_size)
+
+    # Warm-up, one pass of each: it pays first-call costs (compilation included) and its outputs
+    # give the agreement numbers. Then the repeats, interleaved. The outputs (masks of every
+    # contestant) are freed on return, before the fixtures.
+    warmups, outputs = {}, {}
+    for name, fn in contestants.items():
+        warmups[name], outputs[name] = timed(fn, device, memory)
+    runs: dict[str, list[dict]] = {name: [] for name in contestants}
+    for _ in range(args.repeats):
+        for name, fn in contestants.items():
+            run, _ = timed(fn, device, memory)
+            runs[name].append(run)
+    num_boxes = sum(len(b) for b in boxes)
+    summary = {}
+    for name in contestants:
+        summary[name] = summarize(runs[name], warmups[name], args.images, num_boxes)
+        summary[name]["stages_s"] = stage_runs[name]()  # one more pass, with per-stage timings
+        summary[name]["speedup_over_official_median"] = (
+            summary["official"]["median_s"] / summary[name]["median_s"]
+        )
+        summary[name]["speedup_over_official_best"] = summary["official"]["min_s"] / summary[name]["min_s"]
+        if name != "official":
+            summary[name]["agreement_vs_official"] = agreement(outputs["official"], outputs[name])
+    return summary
+
+
+def fixtures_vs_fp32(
+    args: argparse.Namespace,
+    model: HQSam,
+    device: torch.device,
+    options: dict,
+    refiners: dict[str, BoxRefiner],
+) -> tuple[dict | None, str | None]:
+    """Agreement of ours in lower precisions with ours in fp32 on the fixtures, or why it was skipped."""
+    lower = {name: refiner for name, refiner in refiners.items() if name != "ours_fp32"}
+    if not lower:
+        return None, "only fp32 ran: nothing to compare with ours in fp32"
+    try:
+        loaded = load_fixtures(args.fixtures)
+    except FileNotFoundError as error:
+        return None, f"fixtures absent: {error}"
+    reference = refiners.get("ours_fp32") or BoxRefiner(model, device, precision="fp32", **options)
+    return fixture_agreement(loaded, reference, lower), None
+
+
+def run_params(
+    args: argparse.Namespace, images, boxes, refiners: dict[str, BoxRefiner], cache_files_before: int | None
+) -> dict:
+    return {
+        "model": args.model,
+        "weights": args.checkpoint or f"random (seed {args.seed})",
+        "images": args.images,
+        "boxes_per_image": args.boxes,
+        "total_boxes": sum(len(b) for b in boxes),
+        "batch_size": args.batch_size,
+        "max_prompts": args.max_prompts,
+        "image_sizes_hw": [list(image.shape[:2]) for image in images],
+        "refiners": {
+            name: {
+                "precision": r.precision,
+                "attention": r.attention,
+                "compile": r.compile,
+                "pad_prompts": r.pad_prompts,
+                "encoder_batch": r.encoder_batch,
+                "max_prompts": r.max_prompts,
+            }
+            for name, r in refiners.items()
+        },
+        "inductor_cache_files_before": cache_files_before,
+    }
+
+
 def print_table(r: dict) -> None:
     """The numbers a reader wants first; everything else is in the JSON."""
+    _print_contestants(r)
+    _print_stages_and_agreement(r)
+    _print_probe_and_targets(r)
+
+
+def _print_contestants(r: dict) -> None:
     p, d, contestants = r["params"], r["device"], r["contestants"]
     print(
         f"\n{p['model']} ({p['weights']}) on {d['arg']} ({d['name']}), torch {r['torch_version']}, "
@@ -833,6 +877,10 @@ def print_table(r: dict) -> None:
         ]
         print(f"{name:{width}}" + "".join(f"{v:>9}" for v in values))
     print("peak: above what was in use before the pass (so the models' weights are not counted)")
+
+
+def _print_stages_and_agreement(r: dict) -> None:
+    contestants = r["contestants"]
     for name, s in contestants.items():
         stages = ", ".join(f"{stage} {seconds:.3f}s" for stage, seconds in s["stages_s"].items())
         print(f"stages of {name} (one extra pass): {stages}")
@@ -849,6 +897,9 @@ def print_table(r: dict) -> None:
                     f"fixture agreement {name} vs ours_fp32 ({fixtures['images']} images, "
                     f"{fixtures['boxes']} boxes): {_agreement_line(fixtures[name])}"
                 )
+
+
+def _print_probe_and_targets(r: dict) -> None:
     probe = r["memory_vs_boxes"]
     if probe is not None:
         few, many = (v / 2**20 for v in probe["peak_mem_bytes"])

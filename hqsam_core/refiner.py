@@ -6,14 +6,17 @@ fast path (issue 7): bf16 autocast, fused attention, the resize and normalisatio
 (antialiased bilinear `F.interpolate`, not PIL, so CUDA masks are close to but not bit-identical with
 the CPU path), pinned-memory uploads, and upsampling + thresholding on the GPU with bit-packed masks
 coming back to the host. Each part is also a keyword option.
+
+`refine` returns every box's mask and logits at once; `refine_chunks` hands them out one decoder
+call (`max_prompts` boxes) at a time, so what a caller holds need not grow with the box count.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -59,6 +62,19 @@ class Refinement:
     def masks(self) -> np.ndarray:
         """(N, H, W) bool masks at the image's size, unpacked anew on each access."""
         return unpack_masks(self.packed_masks, self.height, self.width)
+
+
+@dataclass
+class RefinedChunk:
+    """Some of one image's results, handed out as soon as the decoder call that made them returns;
+    `refine_chunks` yields them so a caller keeps only what it needs (packed masks, scores)."""
+
+    image: int  # the image's position among the call's images
+    rows: np.ndarray  # (n,) int: these boxes' positions among the image's boxes
+    packed_masks: np.ndarray  # (n, ceil(H*W/8)) uint8, as in `Refinement`
+    scores: np.ndarray  # (n,) float32 predicted IoU
+    logits: np.ndarray | None = None  # (n, 256, 256) float32 when asked for
+    crops: np.ndarray | None = None  # (n, 4) crop windows with crop_zoom, as in `Refinement`
 
 
 def pack_masks(masks: np.ndarray) -> np.ndarray:
@@ -202,13 +218,23 @@ class BoxRefiner:
 
         Returns one `Refinement` per encoded image, its boxes in the order given.
         """
-        boxes = torch.as_tensor(writable(boxes), dtype=torch.float32).reshape(-1, 4)
-        image_index = torch.as_tensor(writable(image_index), dtype=torch.long).reshape(-1)
-        if len(boxes) != len(image_index):
-            raise ValueError(f"{len(boxes)} boxes but {len(image_index)} image indexes")
-        num_images = len(features.original_sizes)
-        if len(image_index) and (image_index.min() < 0 or image_index.max() >= num_images):
-            raise ValueError(f"image_index out of range for {num_images} encoded images")
+        boxes, image_index = _checked_prompts(boxes, image_index, len(features.original_sizes))
+        options = {"hq_token_only": hq_token_only, "multimask_output": multimask_output}
+        chunks = self._decoded_chunks(features, boxes, image_index, with_logits=True, **options)
+        counts = torch.bincount(image_index, minlength=len(features.original_sizes)).tolist()
+        return _gather(chunks, counts, features.original_sizes)
+
+    @torch.inference_mode()
+    def _decoded_chunks(
+        self,
+        features: EncodedImages,
+        boxes: torch.Tensor,
+        image_index: torch.Tensor,
+        *,
+        with_logits: bool,
+        **options,
+    ) -> Iterator[RefinedChunk]:
+        """One decoder call per `max_prompts` prompts, each call's results handed out at once."""
         model_boxes = torch.empty_like(boxes)
         for i in image_index.unique().tolist():
             selected = image_index == i
@@ -218,66 +244,75 @@ class BoxRefiner:
         # A stable sort by image keeps each image's boxes in the caller's order and makes
         # every image's prompts contiguous, so per-image results are plain splits.
         order = torch.argsort(image_index, stable=True)
-        logits, scores = [], []
-        for chunk in order.split(self.max_prompts) if len(order) else ():
-            chunk_boxes, chunk_index = _pad_rows(
-                model_boxes[chunk], image_index[chunk], self.max_prompts if self.pad_prompts else len(chunk)
-            )
-            with self._autocast():
-                sparse, dense = self.model.prompt_encoder(
-                    points=None, boxes=chunk_boxes.to(self.device, non_blocking=True), masks=None
+        sorted_index = image_index[order]
+        # Each box's position among its image's boxes: its place minus its image's first place.
+        rows = torch.arange(len(order), device=order.device) - torch.searchsorted(sorted_index, sorted_index)
+        chunks = zip(order.split(self.max_prompts), rows.split(self.max_prompts)) if len(order) else ()
+        for chunk, chunk_rows in chunks:
+            logits, scores = self._decode_prompts(features, model_boxes[chunk], image_index[chunk], **options)
+            images, sizes = torch.unique_consecutive(image_index[chunk], return_counts=True)
+            sizes = sizes.tolist()
+            for i, image_logits, image_scores, image_rows in zip(
+                images.tolist(), logits.split(sizes), scores.split(sizes), chunk_rows.split(sizes)
+            ):
+                yield self._finish(
+                    features, i, image_rows.cpu().numpy(), image_logits, image_scores, with_logits
                 )
-                chunk_logits, chunk_scores = self.model.mask_decoder(
-                    image_embeddings=features.embeddings,
-                    image_pe=self.model.prompt_encoder.get_dense_pe(),
-                    sparse_prompt_embeddings=sparse,
-                    dense_prompt_embeddings=dense,
-                    hq_features=features.hq_features,
-                    image_index=chunk_index.to(self.device, non_blocking=True),
-                    multimask_output=multimask_output,
-                    hq_token_only=hq_token_only,
-                )
-            logits.append(chunk_logits[: len(chunk), 0])
-            scores.append(chunk_scores[: len(chunk)])
-        counts = torch.bincount(image_index, minlength=num_images).tolist()
-        all_logits = torch.cat(logits) if logits else torch.empty(0, 256, 256, device=self.device)
-        all_scores = torch.cat(scores) if scores else torch.empty(0, device=self.device)
-        return [
-            self._finish(image_logits, image_scores, input_size, original_size)
-            for image_logits, image_scores, input_size, original_size in zip(
-                all_logits.split(counts),
-                all_scores.split(counts),
-                features.input_sizes,
-                features.original_sizes,
+
+    def _decode_prompts(
+        self,
+        features: EncodedImages,
+        model_boxes: torch.Tensor,
+        image_index: torch.Tensor,
+        *,
+        hq_token_only: bool,
+        multimask_output: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decoder call: (n, 256, 256) low-res logits and (n,) scores of n prompts."""
+        n = len(model_boxes)
+        padded_boxes, padded_index = _pad_rows(
+            model_boxes, image_index, self.max_prompts if self.pad_prompts else n
+        )
+        with self._autocast():
+            sparse, dense = self.model.prompt_encoder(
+                points=None, boxes=padded_boxes.to(self.device, non_blocking=True), masks=None
             )
-        ]
+            logits, scores = self.model.mask_decoder(
+                image_embeddings=features.embeddings,
+                image_pe=self.model.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                hq_features=features.hq_features,
+                image_index=padded_index.to(self.device, non_blocking=True),
+                multimask_output=multimask_output,
+                hq_token_only=hq_token_only,
+            )
+        return logits[:n, 0], scores[:n]
 
     def _finish(
         self,
+        features: EncodedImages,
+        image: int,
+        rows: np.ndarray,
         logits: torch.Tensor,
         scores: torch.Tensor,
-        input_size: tuple[int, int],
-        original_size: tuple[int, int],
-    ) -> Refinement:
-        """Upsample one image's low-res logits to its size in fp32 and threshold, chunk by chunk;
-        the masks leave the device bit-packed (numpy packs CPU masks faster than torch does)."""
-        height, width = original_size
-        masks = (
-            self.model.postprocess_masks(part.float()[:, None], input_size, original_size)[:, 0]
-            > self.model.mask_threshold
-            for part in logits.split(self.max_prompts)
-        )
+        with_logits: bool,
+    ) -> RefinedChunk:
+        """Upsample some of one image's low-res logits to its size in fp32 and threshold; the masks
+        leave the device bit-packed (numpy packs CPU masks faster than torch does)."""
+        input_size, original_size = features.input_sizes[image], features.original_sizes[image]
+        masks = self.model.postprocess_masks(logits.float()[:, None], input_size, original_size)[:, 0]
+        masks = masks > self.model.mask_threshold
         if self.device.type == "cuda":  # only the bits cross to the host
-            packed = [packbits(part).cpu().numpy() for part in masks]
+            packed = packbits(masks).cpu().numpy()
         else:
-            packed = [pack_masks(part.cpu().numpy()) for part in masks]
-        packed = np.concatenate(packed) if packed else np.zeros((0, -(-height * width // 8)), np.uint8)
-        return Refinement(
+            packed = pack_masks(masks.cpu().numpy())
+        return RefinedChunk(
+            image=image,
+            rows=rows,
             packed_masks=packed,
-            height=height,
-            width=width,
-            logits=logits.float().cpu().numpy(),
             scores=scores.float().cpu().numpy(),
+            logits=logits.float().cpu().numpy() if with_logits else None,
         )
 
     def refine(
@@ -297,100 +332,175 @@ class BoxRefiner:
         each side, see `hqsam_core.crop_zoom`), resized to the model's input like any image, and its
         mask pasted back at the image's size. Crops are encoded in batches of at most len(images).
         """
-        if len(images) != len(boxes):
-            raise ValueError(f"{len(images)} images but {len(boxes)} box arrays")
-        boxes = [np.asarray(b, dtype=np.float32).reshape(-1, 4) for b in boxes]
+        boxes = _checked_boxes(images, boxes, crop_zoom)
         options = {"hq_token_only": hq_token_only, "multimask_output": multimask_output}
         if crop_zoom is None:
             return self._refine_whole(images, boxes, **options)
-        if crop_zoom <= 0:
-            raise ValueError("crop_zoom must be positive")
-        return self._refine_zoomed(images, boxes, crop_zoom, crop_context, options)
+
+        def whole(some_images: Sequence[np.ndarray], some_boxes: list[np.ndarray]) -> Iterator[RefinedChunk]:
+            return _as_chunks(self._refine_whole(some_images, some_boxes, **options))
+
+        chunks = self._zoomed_chunks(images, boxes, crop_zoom, crop_context, whole)
+        return _gather(chunks, [len(b) for b in boxes], [image.shape[:2] for image in images], crops=True)
+
+    def refine_chunks(
+        self,
+        images: Sequence[np.ndarray],
+        boxes: Sequence[np.ndarray],
+        *,
+        hq_token_only: bool = False,
+        multimask_output: bool = False,
+        crop_zoom: float | None = None,
+        crop_context: float = cz.DEFAULT_CONTEXT,
+        with_logits: bool = False,
+    ) -> Iterator[RefinedChunk]:
+        """`refine`'s results as they are decoded, one `RefinedChunk` per decoder call and image
+        (per zoomed box with `crop_zoom`), in no promised order: what a caller keeps of each is all
+        that grows with the box count. Logits only `with_logits`."""
+        boxes = _checked_boxes(images, boxes, crop_zoom)
+        options = {"hq_token_only": hq_token_only, "multimask_output": multimask_output}
+
+        def whole(some_images: Sequence[np.ndarray], some_boxes: list[np.ndarray]) -> Iterator[RefinedChunk]:
+            return self._whole_chunks(some_images, some_boxes, with_logits=with_logits, **options)
+
+        if crop_zoom is None:
+            return whole(images, boxes)
+        return self._zoomed_chunks(images, boxes, crop_zoom, crop_context, whole)
 
     def _refine_whole(
         self, images: Sequence[np.ndarray], boxes: list[np.ndarray], **options
     ) -> list[Refinement]:
+        chunks = self._whole_chunks(images, boxes, with_logits=True, **options)
+        return _gather(chunks, [len(b) for b in boxes], [image.shape[:2] for image in images])
+
+    def _whole_chunks(
+        self, images: Sequence[np.ndarray], boxes: list[np.ndarray], *, with_logits: bool, **options
+    ) -> Iterator[RefinedChunk]:
+        """Each image refined as a whole; images without boxes are not encoded."""
         with_boxes = [i for i, b in enumerate(boxes) if len(b)]
         features = self.encode([images[i] for i in with_boxes])
-        decoded = self.decode(
-            features,
-            np.concatenate([boxes[i] for i in with_boxes]) if with_boxes else np.zeros((0, 4), np.float32),
-            np.repeat(np.arange(len(with_boxes)), [len(boxes[i]) for i in with_boxes]),
-            **options,
+        all_boxes = (
+            np.concatenate([boxes[i] for i in with_boxes]) if with_boxes else np.zeros((0, 4), np.float32)
         )
-        results = [_empty_refinement(image.shape[:2]) for image in images]
-        for position, refinement in zip(with_boxes, decoded):
-            results[position] = refinement
-        return results
+        image_index = np.repeat(np.arange(len(with_boxes)), [len(boxes[i]) for i in with_boxes])
+        prompts = _checked_prompts(all_boxes, image_index, len(with_boxes))
+        for chunk in self._decoded_chunks(features, *prompts, with_logits=with_logits, **options):
+            yield replace(chunk, image=with_boxes[chunk.image])
 
-    def _refine_zoomed(
+    def _zoomed_chunks(
         self,
         images: Sequence[np.ndarray],
         boxes: list[np.ndarray],
         crop_zoom: float,
         context: float,
-        options: dict,
-    ) -> list[Refinement]:
-        # Plan: which boxes go on a crop (and which crop); the rest are refined on the whole image.
-        windows: list[list[cz.CropWindow | None]] = []
-        for image, image_boxes in zip(images, boxes):
-            size = image.shape[:2]
-            selected = cz.zoom_selection(image_boxes, size, crop_zoom)
-            image_windows = []
-            for box, zoom in zip(image_boxes, selected):
-                window = cz.crop_window(box, size, context=context) if zoom else None
-                if window is not None and (window.width, window.height) == (size[1], size[0]):
-                    window = None  # the crop is the whole image: nothing to zoom
-                image_windows.append(window)
-            windows.append(image_windows)
-        plain = [b[np.array([w is None for w in ws], dtype=bool)] for b, ws in zip(boxes, windows)]
-        whole = self._refine_whole(images, plain, **options)
-
+        whole: Callable[[Sequence[np.ndarray], list[np.ndarray]], Iterable[RefinedChunk]],
+    ) -> Iterator[RefinedChunk]:
+        """Boxes too small for their image refined on crops (`whole` refines whole images or crops):
+        the others as they are, the zoomed ones with their crop's mask pasted back at the image's size."""
+        windows = [_zoom_windows(image.shape[:2], b, crop_zoom, context) for image, b in zip(images, boxes)]
+        plain_rows = [np.flatnonzero([w is None for w in ws]) for ws in windows]
+        for chunk in whole(images, [b[rows] for b, rows in zip(boxes, plain_rows)]):
+            crops = np.full((len(chunk.rows), 4), -1, dtype=np.int64)
+            yield replace(chunk, rows=plain_rows[chunk.image][chunk.rows], crops=crops)
         jobs = [(i, k, w) for i, ws in enumerate(windows) for k, w in enumerate(ws) if w is not None]
-        zoomed: dict[tuple[int, int], tuple[Refinement, cz.CropWindow]] = {}
         for group in _batches(jobs, max(1, len(images))):
             crops = [cz.crop_image(images[i], w) for i, _, w in group]
             crop_boxes = [cz.box_to_crop(boxes[i][k : k + 1], w) for i, k, w in group]
-            for (i, k, w), result in zip(group, self._refine_whole(crops, crop_boxes, **options)):
-                zoomed[(i, k)] = (result, w)
-
-        return [
-            _merge(
-                image.shape[:2], windows[i], whole[i], [zoomed.get((i, k)) for k in range(len(windows[i]))]
-            )
-            for i, image in enumerate(images)
-        ]
+            for chunk in whole(crops, crop_boxes):
+                i, k, window = group[chunk.image]
+                yield _pasted(chunk, i, k, window, images[i].shape[:2])
 
 
-def _merge(
-    size: tuple[int, int],
-    windows: list[cz.CropWindow | None],
-    whole: Refinement,
-    zoomed: list[tuple[Refinement, cz.CropWindow] | None],
-) -> Refinement:
-    """One image's results in its boxes' order: those refined on the whole image as they are, the
-    zoomed ones with their crop's mask pasted back at the image's size."""
+def _checked_boxes(
+    images: Sequence[np.ndarray], boxes: Sequence[np.ndarray], crop_zoom: float | None
+) -> list[np.ndarray]:
+    """Each image's boxes as (N_i, 4) float32; ValueError on a count mismatch or a bad crop_zoom."""
+    if len(images) != len(boxes):
+        raise ValueError(f"{len(images)} images but {len(boxes)} box arrays")
+    if crop_zoom is not None and crop_zoom <= 0:
+        raise ValueError("crop_zoom must be positive")
+    return [np.asarray(b, dtype=np.float32).reshape(-1, 4) for b in boxes]
+
+
+def _checked_prompts(
+    boxes: np.ndarray | torch.Tensor, image_index: np.ndarray | torch.Tensor, num_images: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, 4) float32 boxes and (N,) long image indexes; ValueError unless they match the images."""
+    boxes = torch.as_tensor(writable(boxes), dtype=torch.float32).reshape(-1, 4)
+    image_index = torch.as_tensor(writable(image_index), dtype=torch.long).reshape(-1)
+    if len(boxes) != len(image_index):
+        raise ValueError(f"{len(boxes)} boxes but {len(image_index)} image indexes")
+    if len(image_index) and (image_index.min() < 0 or image_index.max() >= num_images):
+        raise ValueError(f"image_index out of range for {num_images} encoded images")
+    return boxes, image_index
+
+
+def _zoom_windows(
+    size: tuple[int, int], boxes: np.ndarray, crop_zoom: float, context: float
+) -> list[cz.CropWindow | None]:
+    """Each box's crop window, None for a box refined on the whole image."""
+    windows = []
+    for box, zoom in zip(boxes, cz.zoom_selection(boxes, size, crop_zoom)):
+        window = cz.crop_window(box, size, context=context) if zoom else None
+        if window is not None and (window.width, window.height) == (size[1], size[0]):
+            window = None  # the crop is the whole image: nothing to zoom
+        windows.append(window)
+    return windows
+
+
+def _pasted(
+    chunk: RefinedChunk, image: int, row: int, window: cz.CropWindow, size: tuple[int, int]
+) -> RefinedChunk:
+    """A crop's one-box chunk as box `row` of image `image`, its mask pasted back at the image's size."""
+    mask = np.zeros((1, *size), dtype=bool)
+    mask[0, window.y0 : window.y1, window.x0 : window.x1] = unpack_masks(
+        chunk.packed_masks, window.height, window.width
+    )[0]
+    return replace(
+        chunk,
+        image=image,
+        rows=np.array([row]),
+        packed_masks=pack_masks(mask),
+        crops=window.as_array()[None],
+    )
+
+
+def _as_chunks(refinements: list[Refinement]) -> Iterator[RefinedChunk]:
+    """Whole Refinements as one chunk each."""
+    for image, result in enumerate(refinements):
+        rows = np.arange(len(result.scores))
+        yield RefinedChunk(image, rows, result.packed_masks, result.scores, result.logits, result.crops)
+
+
+def _gather(
+    chunks: Iterable[RefinedChunk],
+    counts: Sequence[int],
+    sizes: Sequence[tuple[int, int]],
+    *,
+    crops: bool = False,
+) -> list[Refinement]:
+    """One Refinement per image (`counts[i]` boxes of size `sizes[i]`) from its chunks."""
+    results = [_blank_refinement(count, size, crops) for count, size in zip(counts, sizes)]
+    for chunk in chunks:
+        result = results[chunk.image]
+        result.packed_masks[chunk.rows] = chunk.packed_masks
+        result.logits[chunk.rows] = chunk.logits
+        result.scores[chunk.rows] = chunk.scores
+        if crops:
+            result.crops[chunk.rows] = chunk.crops
+    return results
+
+
+def _blank_refinement(count: int, size: tuple[int, int], crops: bool = False) -> Refinement:
     height, width = size
-    n = len(windows)
-    out = Refinement(
-        packed_masks=np.zeros((n, -(-height * width // 8)), np.uint8),
+    return Refinement(
+        packed_masks=np.zeros((count, -(-height * width // 8)), np.uint8),
         height=height,
         width=width,
-        logits=np.zeros((n, 256, 256), dtype=np.float32),
-        scores=np.zeros((n,), dtype=np.float32),
-        crops=np.full((n, 4), -1, dtype=np.int64),
+        logits=np.zeros((count, 256, 256), dtype=np.float32),
+        scores=np.zeros((count,), dtype=np.float32),
+        crops=np.full((count, 4), -1, dtype=np.int64) if crops else None,
     )
-    rows = np.array([w is None for w in windows], dtype=bool)
-    out.packed_masks[rows] = whole.packed_masks
-    out.logits[rows] = whole.logits
-    out.scores[rows] = whole.scores
-    for k in np.flatnonzero(~rows):
-        result, w = zoomed[k]
-        mask = np.zeros((1, height, width), dtype=bool)
-        mask[0, w.y0 : w.y1, w.x0 : w.x1] = result.masks[0]
-        out.packed_masks[k] = pack_masks(mask)[0]
-        out.logits[k], out.scores[k], out.crops[k] = result.logits[0], result.scores[0], w.as_array()
-    return out
 
 
 def packbits(masks: torch.Tensor) -> torch.Tensor:
@@ -457,11 +567,3 @@ def _pinned(image: np.ndarray) -> torch.Tensor:
 def _batches(items: list, size: int) -> Iterator[list]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
-
-
-def _empty_refinement(size: tuple[int, int]) -> Refinement:
-    return Refinement.from_masks(
-        np.zeros((0, *size), dtype=bool),
-        logits=np.zeros((0, 256, 256), dtype=np.float32),
-        scores=np.zeros((0,), dtype=np.float32),
-    )

@@ -11,9 +11,11 @@ from hqsam.hqsam_core.refiner import unpack_masks
 from hqsam.pipeline.stage import Row, Stage
 from hqsam.schemas.status import Status
 
+MASKS_PER_GROUP = 16  # full-size masks held at once while encoding a row
+
 
 class EncodeMasks(Stage):
-    """Unpacks each image's refined masks once and encodes them; compares them with the input masks."""
+    """Encodes each image's refined masks a few at a time; compares them with the input masks."""
 
     reads = ("height", "width", "segmentations", "statuses", "packed_masks")
     adds = ("rle_counts", "refined_bboxes", "areas", "ious", "boundary_ious")
@@ -37,17 +39,22 @@ def _encode(row: Row) -> Row:
     # Only decoded images have a size here: a row without an image record carries NaN
     # (Ray's numpy batches turn a null int into NaN), which must not reach int().
     height, width = int(row["height"]), int(row["width"])
-    refined = unpack_masks(np.asarray(packed, np.uint8), height, width)  # the ok annotations, in order
-    for k, rle in zip(ok, encode_rles(refined)):
-        row["rle_counts"][k] = rle["counts"]
-        row["refined_bboxes"][k] = rle_bbox(rle)
-        row["areas"][k] = rle_area(rle)
-    _compare_with_originals(row, ok, refined, height, width)
+    packed = np.asarray(packed, np.uint8)  # the ok annotations' masks, in order
+    # A few masks unpacked at a time: memory stays that of a group, whatever the row's mask count.
+    for start in range(0, len(ok), MASKS_PER_GROUP):
+        group = ok[start : start + MASKS_PER_GROUP]
+        refined = unpack_masks(packed[start : start + len(group)], height, width)
+        for k, rle in zip(group, encode_rles(refined)):
+            row["rle_counts"][k] = rle["counts"]
+            row["refined_bboxes"][k] = rle_bbox(rle)
+            row["areas"][k] = rle_area(rle)
+        _compare_with_originals(row, group, refined, height, width)
     return row
 
 
 def _compare_with_originals(row: Row, ok: list[int], refined: np.ndarray, height: int, width: int) -> None:
-    """IoU and boundary IoU of each refined mask with the annotation's own mask, where it has one."""
+    """IoU and boundary IoU of each refined mask with the annotation's own mask, where it has one;
+    `refined[position]` is annotation `ok[position]`'s mask."""
     positions, originals = [], []
     for position, k in enumerate(ok):
         if not row["segmentations"][k]:

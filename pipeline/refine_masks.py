@@ -13,8 +13,10 @@ from hqsam.pipeline.stage import Row, Stage
 from hqsam.schemas.status import Status
 
 if TYPE_CHECKING:
-    from hqsam.hqsam_core.refiner import Refinement
     from hqsam.pipeline.refine_pipeline import RefineSettings
+
+# One image's refined pending boxes: (N, ceil(H*W/8)) uint8 packed masks and (N,) float32 scores.
+Refined = tuple[np.ndarray, np.ndarray]
 
 # Host memory a refine actor needs (weights, activations); asking for it also keeps Ray from
 # fusing the IO and decode stages into the refine actor.
@@ -32,7 +34,7 @@ class RefineMasks(Stage):
 
     reads = ("pixels", "prompts", "statuses", "errors")
     adds = ("packed_masks", "scores")
-    drops = ("pixels", "prompts")
+    drops = ("pixels",)
     on_actor = True
 
     def __init__(self, settings: RefineSettings) -> None:
@@ -89,15 +91,16 @@ class RefineMasks(Stage):
                 for k in pending:
                     statuses[k], errors[k] = Status.INFERENCE_FAILED, one_line(result)
                 continue
-            row["packed_masks"] = result.packed_masks  # one row per pending, now ok, annotation
+            row["packed_masks"], scores = result  # one row per pending, now ok, annotation
             for position, k in enumerate(pending):
-                row["scores"][k] = float(result.scores[position])
+                row["scores"][k] = float(scores[position])
                 statuses[k] = Status.OK
         for row in rows:
-            del row["pixels"], row["prompts"]
+            for name in self.drops:  # what the declaration says, so the two cannot part
+                del row[name]
         return rows
 
-    def _refine_isolating_failures(self, rows: list[Row]) -> Iterator[tuple[Row, Refinement | Exception]]:
+    def _refine_isolating_failures(self, rows: list[Row]) -> Iterator[tuple[Row, Refined | Exception]]:
         """Refine `rows` together; if that fails, one by one, so a bad image fails alone."""
         try:
             yield from zip(rows, self._refine(rows))
@@ -109,14 +112,22 @@ class RefineMasks(Stage):
                     result = error
                 yield row, result
 
-    def _refine(self, rows: list[Row]) -> list[Refinement]:
+    def _refine(self, rows: list[Row]) -> list[Refined]:
+        """Each row's packed masks and scores of its pending boxes, in order. The refiner hands each
+        decoder chunk's masks over already packed, so only packed masks add up, not full-size ones."""
         boxes = [
             np.asarray(row["prompts"], np.float32)[[s == Status.PENDING for s in row["statuses"]]]
             for row in rows
         ]
-        return self.refiner.refine(
-            [row["pixels"] for row in rows],
-            boxes,
-            hq_token_only=self.settings.hq_token_only,
-            crop_zoom=self.settings.crop_zoom,
+        pixels = [row["pixels"] for row in rows]
+        packed = [
+            np.zeros((len(b), -(-p.shape[0] * p.shape[1] // 8)), np.uint8) for p, b in zip(pixels, boxes)
+        ]
+        scores = [np.zeros(len(b), np.float32) for b in boxes]
+        chunks = self.refiner.refine_chunks(
+            pixels, boxes, hq_token_only=self.settings.hq_token_only, crop_zoom=self.settings.crop_zoom
         )
+        for chunk in chunks:
+            packed[chunk.image][chunk.rows] = chunk.packed_masks
+            scores[chunk.image][chunk.rows] = chunk.scores
+        return list(zip(packed, scores))
