@@ -19,6 +19,7 @@ from hqsam.hqsam_core.build import build_hqsam
 from hqsam.hqsam_core.coco_eval import coco_ap
 from hqsam.hqsam_core.refiner import BoxRefiner
 from hqsam.pipeline.evaluate_samples import evaluate_rows, summarize_by_source
+from hqsam.pipeline.progress import ProgressReporter
 from hqsam.pipeline.train_sources import Source, parse_source, source_rows
 
 METRIC_COLUMNS = (
@@ -59,14 +60,14 @@ class SourceEvaluation:
     sources: list[str]  # each sample's source name, as the sample rows give it
 
 
-def run_evaluate(config: EvaluateConfig) -> dict:
+def run_evaluate(config: EvaluateConfig, *, progress: bool = True) -> dict:
     """Evaluate every source; returns the report (also written to config.out as JSON)."""
     started = time.time()
     sources = [parse_source(text) for text in config.data]
     if config.device == "cpu":
         retain_freed_memory()
     refiner = BoxRefiner(build_hqsam(config.model, config.checkpoint, config.hq_head), config.device)
-    evaluated = [evaluate_source(refiner, source, config) for source in sources]
+    evaluated = [evaluate_source(refiner, source, config, progress) for source in sources]
     report: dict = {
         "sources": {e.name: e.entry for e in evaluated},
         "overall": pooled_summary(evaluated),
@@ -79,13 +80,22 @@ def run_evaluate(config: EvaluateConfig) -> dict:
     return report
 
 
-def evaluate_source(refiner: BoxRefiner, source: Source, config: EvaluateConfig) -> SourceEvaluation:
+def evaluate_source(
+    refiner: BoxRefiner, source: Source, config: EvaluateConfig, progress: bool = True
+) -> SourceEvaluation:
     """One source's summary (plus mask and Boundary AP for a COCO source)."""
     rows = source_rows(source, min_score=config.min_score).to_pylist()
     if config.limit is not None:
         rows = rows[: config.limit]
     predictions: list | None = [] if source.kind == "coco" else None
-    with torch.inference_mode():
+    reporter = ProgressReporter(
+        f"evaluate {_short(source.text or source.uri)}",
+        len(rows),
+        unit="samples",
+        counters=("skipped",),
+        enabled=progress,
+    )
+    with torch.inference_mode(), reporter:
         per_sample, names, skipped = evaluate_rows(
             refiner,
             rows,
@@ -93,6 +103,7 @@ def evaluate_source(refiner: BoxRefiner, source: Source, config: EvaluateConfig)
             hq_token_only=config.hq_token_only,
             resize=config.resize,
             predictions=predictions,
+            progress=reporter,
         )
     summary = summarize_by_source(per_sample, names)
     entry = {**summary["overall"], "samples": len(names), "skipped": skipped, "kind": source.kind}

@@ -102,15 +102,17 @@ class _Images:
         self.root, self.name = root, name
         self.row_of: dict[int, int] = {}
         self.uris: list[str | None] = []
+        self.file_names: list[str | None] = []  # as the record writes them, before the root
         self.widths: list[int | None] = []
         self.heights: list[int | None] = []
 
     def add(self, image_id: int, file_name, width, height) -> int:
         """The row of a record; a repeated id must name the same file (the last record's size wins)."""
-        uri = storage.join(self.root, file_name) if isinstance(file_name, str) and file_name else None
+        file_name = file_name if isinstance(file_name, str) and file_name else None
+        uri = storage.join(self.root, file_name) if file_name else None
         row = self.row_of.get(image_id)
         if row is None:
-            row = self._new_row(image_id, uri)
+            row = self._new_row(image_id, uri, file_name)
         elif self.uris[row] != uri:
             raise ManifestError(
                 f"image id {image_id} has two records in {self.name} naming different files "
@@ -123,11 +125,12 @@ class _Images:
         """A row for an id without an image record, first met at annotation #`position`."""
         if not _is_id(image_id):
             raise ManifestError(f"annotation #{position} in {self.name} has image_id {image_id!r}: {ID_RULE}")
-        return self._new_row(image_id, None)
+        return self._new_row(image_id, None, None)
 
-    def _new_row(self, image_id: int, uri: str | None) -> int:
+    def _new_row(self, image_id: int, uri: str | None, file_name: str | None) -> int:
         row = self.row_of[image_id] = len(self.uris)
         self.uris.append(uri)
+        self.file_names.append(file_name)
         self.widths.append(None)
         self.heights.append(None)
         return row
@@ -150,7 +153,7 @@ def _tasks_from_coco(data: bytes, root: str, name: str) -> pa.Table:
     with _gc_paused():
         try:
             coco = storage.parse_json(data)
-        except ValueError as error:
+        except (ValueError, RecursionError) as error:  # RecursionError: nested deeper than JSON readers go
             raise ManifestError(f"{name} is neither Parquet nor valid JSON ({error})") from None
         del data
         if not isinstance(coco, dict) or not isinstance(coco.get("annotations"), list):
@@ -312,14 +315,15 @@ def _group_by_image(images: _Images, rows: np.ndarray, annotation_columns: list)
     kept = np.flatnonzero(counts)  # an image without annotations has nothing to refine
     if not len(kept):
         return IMAGE_TASK.empty_table()
-    image_columns = [
+    image_columns = [  # in IMAGE_TASK's order
         pa.array(list(images.row_of), pa.int64()).take(kept),  # ids in the order rows were made
         pa.array(images.uris, pa.string()).take(kept),
+        pa.array(images.file_names, pa.string()).take(kept),
         pa.array(images.widths, pa.int64()).take(kept),
         pa.array(images.heights, pa.int64()).take(kept),
     ]
     limits = annotations_per_row(
-        *(pc.fill_null(column, 0).to_numpy().astype(np.int64) for column in image_columns[2:])
+        *(pc.fill_null(column, 0).to_numpy().astype(np.int64) for column in image_columns[-2:])
     )
     image_of_row, ends = _split(counts[kept], limits)
     if len(image_of_row) > len(kept):

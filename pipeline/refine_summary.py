@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -14,9 +13,8 @@ import pyarrow.compute as pc
 
 from hqsam.hqsam_core import storage
 from hqsam.hqsam_core.version import versions
-from hqsam.hqsam_core.zoo import sha256_file
 from hqsam.pipeline.manifest import annotation_count, duplicate_annotation_ids, image_count
-from hqsam.pipeline.read_refined import read_parts
+from hqsam.pipeline.read_refined import ROWS_FOLDER, read_parts
 from hqsam.schemas.status import NOT_FAILURES, Status
 
 if TYPE_CHECKING:  # refine_run imports this module
@@ -35,10 +33,11 @@ def written_rows(tasks: pa.Table, out: str) -> tuple[pa.Table, int]:
 
 
 def account(
-    config: RefineConfig, tasks: pa.Table, refined: pa.Table, elapsed: float, checkpoint: Path
+    config: RefineConfig, tasks: pa.Table, refined: pa.Table, elapsed: float, checkpoint_sha256: str
 ) -> dict:
     """The run's summary: every annotation of `tasks` counted from what OUT holds; `refined` are the
-    tasks this run refined, `checkpoint` the local file of the weights."""
+    tasks this run refined, `checkpoint_sha256` the weights' hash from the run's identity ("random"
+    for random weights)."""
     annotations_total = annotation_count(tasks)
     written, repeated = written_rows(tasks, config.out)
     images, images_refined = image_count(tasks), image_count(refined)
@@ -59,10 +58,10 @@ def account(
         "wall_time_s": round(elapsed, 3),
         "annotations_per_s": round(annotation_count(refined) / elapsed, 3) if elapsed else None,
         "images_per_s": round(images_refined / elapsed, 3) if elapsed else None,
-        "model": settings.variant,
+        "model": settings.model_column,
         "versions": versions(),
         "checkpoint": storage.redact(settings.checkpoint),
-        "checkpoint_sha256": sha256_file(checkpoint),
+        "checkpoint_sha256": checkpoint_sha256,
         "hq_head": storage.redact(settings.hq_head),
         "format": config.format,
         "out": storage.redact(config.out),
@@ -89,6 +88,7 @@ def summary_lines(summary: dict) -> list[str]:
         ("throughput", f"{summary['annotations_per_s']} ann/s, {summary['images_per_s']} img/s"),
         ("error rate", f"{summary['error_rate']:.4f} (max {summary['max_error_rate']})"),
         *_integrity_lines(summary),
+        ("rows", f"{summary['out'].rstrip('/')}/{ROWS_FOLDER}/"),
         ("summary", f"{summary['out'].rstrip('/')}/summary.json"),
     ]
     width = max(len(label) for label, _ in rows)

@@ -1,8 +1,9 @@
 """The `hqsam preview` run: PNG panels of original vs refined masks and an index.html sorted by change.
 
-The refined rows come from OUT/part-*.parquet. The original masks are not in that output: they
-come from the run's input (--annotations, COCO JSON or Parquet manifest); without it the panels
-show the refined outline only.
+The refined rows come from OUT/rows/part-*.parquet. The original masks are not in that output: they
+come from the run's input (--annotations, COCO JSON or Parquet manifest), matched to the rows by
+the annotation's position in it (`ann_index`; ids may repeat); without it the panels show the
+refined outline only.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from hqsam.hqsam_core.errors import HqsamError, one_line
 from hqsam.hqsam_core.images import decode_image
 from hqsam.hqsam_core.masks import bbox_xywh_to_xyxy, decode_rle, segmentation_to_mask
 from hqsam.pipeline.manifest import ManifestError, read_manifest
-from hqsam.pipeline.read_refined import part_files
+from hqsam.pipeline.read_refined import ROWS_FOLDER, refined_parts
 from hqsam.schemas.status import Status
 
 ORIGINAL_COLOUR = (255, 140, 0)  # orange
@@ -39,6 +40,7 @@ ROW_COLUMNS = [
     "image_id",
     "image_uri",
     "annotation_id",
+    "ann_index",
     "category_id",
     "score",
     "iou_vs_original",
@@ -91,9 +93,11 @@ def run_preview(
     worst: bool = False,
 ) -> PreviewResult:
     """Write `to`/panel_<annotation_id>.png for up to `n` refined rows of `out`, and `to`/index.html."""
-    parts = part_files(out)
+    parts = refined_parts(out)
     if not parts:
-        raise PreviewError(f"{out} holds no part-*.parquet files; is it the --out of `hqsam refine`?")
+        raise PreviewError(
+            f"{out} holds no {ROWS_FOLDER}/part-*.parquet files; is it the --out of `hqsam refine`?"
+        )
     rows = _read_rows(parts)
     selected = select_rows(rows, n, worst=worst)
     _attach_segmentations(parts, selected)
@@ -115,7 +119,7 @@ def write_panels(selected: list[dict], to: str, images: str | None, originals: d
     for row in selected:
         panel = Panel(row)
         panels.append(panel)
-        original = originals.get((row["image_id"], row["annotation_id"])) if originals is not None else None
+        original = originals.get(row["ann_index"]) if originals is not None else None
         if originals is not None and original is None:
             panel.note = "annotation not found in --annotations"
         try:
@@ -152,8 +156,7 @@ def _change_key(row: dict) -> tuple:
     return (
         iou is None or math.isnan(iou),
         iou if iou is not None else 0.0,
-        row["image_id"],
-        row["annotation_id"],
+        row["ann_index"],
     )
 
 
@@ -180,33 +183,34 @@ def _attach_segmentations(parts: list[str], selected: list[dict]) -> None:
         wanted.setdefault(row["part"], []).append(row)
     for index, rows in wanted.items():
         fs, path = storage.url_to_fs(parts[index])
-        ids = sorted({row["annotation_id"] for row in rows})
+        positions = sorted({row["ann_index"] for row in rows})
         table = pq.read_table(
             path,
-            columns=["image_id", "annotation_id", "bbox", "segmentation"],
+            columns=["ann_index", "bbox", "segmentation"],
             filesystem=fs,
-            filters=[("annotation_id", "in", ids)],
+            filters=[("ann_index", "in", positions)],
         )
-        found = {(r["image_id"], r["annotation_id"]): r for r in table.to_pylist()}
+        found = {r["ann_index"]: r for r in table.to_pylist()}
         for row in rows:
-            match = found.get((row["image_id"], row["annotation_id"])) or {}
+            match = found.get(row["ann_index"]) or {}
             row["bbox"] = match.get("bbox")
             row["segmentation"] = match.get("segmentation")
 
 
 def _read_originals(annotations: str, images: str | None, selected: list[dict]) -> dict:
-    """(image_id, annotation_id) -> Original for the selected rows, read like `hqsam refine` reads input."""
+    """ann_index -> Original for the selected rows, read like `hqsam refine` reads input: the input
+    annotation at the row's position, when it is on the row's image (else OUT is another file's)."""
     try:
         tasks = read_manifest(annotations, images).tasks
     except ManifestError as error:
         raise PreviewError(str(error)) from None
-    wanted = {(row["image_id"], row["annotation_id"]) for row in selected}
-    image_ids = pa.array(sorted({image_id for image_id, _ in wanted}), pa.int64())
+    wanted = {row["ann_index"]: row["image_id"] for row in selected}
+    image_ids = pa.array(sorted(set(wanted.values())), pa.int64())
     originals = {}
     for task in tasks.filter(pc.is_in(tasks["image_id"], value_set=image_ids)).to_pylist():
-        for ann_id, bbox, segmentation in zip(task["ann_ids"], task["bboxes"], task["segmentations"]):
-            if (task["image_id"], ann_id) in wanted:
-                originals[(task["image_id"], ann_id)] = Original(segmentation, bbox or [], task["image_uri"])
+        for position, bbox, segmentation in zip(task["ann_indices"], task["bboxes"], task["segmentations"]):
+            if wanted.get(position) == task["image_id"]:
+                originals[position] = Original(segmentation, bbox or [], task["image_uri"])
     return originals
 
 
@@ -358,9 +362,15 @@ def _caption(row: dict) -> list[str]:
 
 
 def _panel_name(row: dict, taken: set[str]) -> str:
-    name = f"panel_{row['annotation_id']}.png"
-    if name in taken:  # annotation ids repeat across images in some datasets
-        name = f"panel_{row['annotation_id']}_{row['image_id']}.png"
+    """panel_<id>.png; annotation ids repeat across images in some datasets (then the image id is
+    added), even within one image (then also the annotation's position in the input)."""
+    stem = f"panel_{row['annotation_id']}"
+    names = (
+        f"{stem}.png",
+        f"{stem}_{row['image_id']}.png",
+        f"{stem}_{row['image_id']}_{row['ann_index']}.png",
+    )
+    name = next((name for name in names if name not in taken), names[-1])
     taken.add(name)
     return name
 

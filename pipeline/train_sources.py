@@ -5,12 +5,16 @@ A source is one of
   matched by file stem, one object per gt;
 - a COCO instances JSON: one sample per non-crowd instance with a segmentation; images relative to
   the file's folder or to `::images=ROOT`;
-- a Parquet output of `hqsam refine` (its OUT folder, or one part file): rows with status ok whose
-  score is at least `min_score`;
+- a Parquet output of `hqsam refine` (its OUT folder, OUT/rows, or one part file): rows with status
+  ok whose score is at least `min_score`;
 each local or on object storage, optionally `SRC::weight=W` (an epoch holds each of its samples W
 times; a fractional part picks that share of them at random) and `SRC::original=URI` (the data's
 original annotation, compared with the GT by `hqsam evaluate`: a folder of PNGs by stem for a folder
-pair, a COCO file with the same annotation ids for a COCO source).
+pair, a COCO file with the same annotations for a COCO source, each matched by image id, annotation id
+and, where an id repeats on an image, its order there).
+
+A sample's key is `SRC#<annotation id>`, or `SRC#<annotation id>@<position in the input>` where the
+id repeats in the source (merged datasets repeat ids), so that keys stay unique.
 
 Listing and parsing happen once on the driver and give light rows (URIs and annotation text, no
 pixels, declared in `schemas/train_rows.py`); `pipeline/load_samples.py` turns them into pixels
@@ -22,6 +26,7 @@ from __future__ import annotations
 import io
 import logging
 import posixpath
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,7 +38,7 @@ import pyarrow.parquet as pq
 from hqsam.hqsam_core import storage
 from hqsam.hqsam_core.errors import HqsamError
 from hqsam.pipeline.manifest import ManifestError, read_manifest
-from hqsam.pipeline.read_refined import part_files, read_parts
+from hqsam.pipeline.read_refined import ROWS_FOLDER, read_part_files, refined_parts
 from hqsam.schemas.status import Status
 from hqsam.schemas.train_rows import SAMPLE_SOURCE
 
@@ -105,10 +110,11 @@ def detect_kind(uri: str) -> str:
         raise SourceError(f"data source {uri} is neither a folder, a COCO .json nor a .parquet file")
     if fs.isdir(f"{path.rstrip('/')}/im") and fs.isdir(f"{path.rstrip('/')}/gt"):
         return "folders"
-    if part_files(uri):
+    if refined_parts(uri):
         return "refined"
     raise SourceError(
-        f"data source {uri} is a folder with neither im/ + gt/ subfolders nor part-*.parquet files of `hqsam refine`"
+        f"data source {uri} is a folder with neither im/ + gt/ subfolders nor the "
+        f"{ROWS_FOLDER}/part-*.parquet files of `hqsam refine`"
     )
 
 
@@ -204,20 +210,23 @@ def _coco_rows(source: Source) -> pa.Table:
     except ManifestError as error:
         raise SourceError(str(error)) from None
     originals = _coco_segmentations(source.original) if source.original else {}
+    repeated = _repeated(pc.list_flatten(tasks["ann_ids"]))
+    seen: Counter = Counter()  # (image_id, annotation id) -> annotations met so far, in file order
     columns: dict[str, list] = {name: [] for name in SAMPLE_SOURCE.names}
     for task in tasks.to_pylist():
-        if task["image_uri"] is None:
-            continue
         for k, annotation_id in enumerate(task["ann_ids"]):
-            if task["iscrowd"][k] or not task["segmentations"][k]:
+            ids = (task["image_id"], annotation_id)
+            occurrence, seen[ids] = seen[ids], seen[ids] + 1
+            if task["image_uri"] is None or task["iscrowd"][k] or not task["segmentations"][k]:
                 continue
+            matches = originals.get(ids, [])
             _append(
                 columns,
                 source=source.name,
-                key=f"{source.name}#{annotation_id}",
+                key=_key(source.name, annotation_id, task["ann_indices"][k], repeated),
                 image_uri=task["image_uri"],
                 segmentation=task["segmentations"][k],
-                original_segmentation=originals.get(annotation_id),
+                original_segmentation=matches[occurrence] if occurrence < len(matches) else None,
                 height=task["height"],
                 width=task["width"],
                 image_id=task["image_id"],
@@ -227,31 +236,46 @@ def _coco_rows(source: Source) -> pa.Table:
     return pa.Table.from_pydict(columns, schema=SAMPLE_SOURCE)
 
 
-def _coco_segmentations(uri: str) -> dict[int, str]:
+def _coco_segmentations(uri: str) -> dict[tuple, list[str | None]]:
+    """(image_id, annotation id) -> the segmentations (JSON text, None when absent) of the original
+    file's annotations with those ids, in file order: ids may repeat, even on one image."""
     try:
         coco = storage.read_json(uri)
     except (FileNotFoundError, ValueError) as error:
         raise SourceError(f"original annotations {uri} are not a readable COCO file ({error})") from None
-    return {
-        a["id"]: orjson.dumps(a["segmentation"]).decode()
-        for a in coco.get("annotations", [])
-        if a.get("segmentation")
-    }
+    found: dict[tuple, list[str | None]] = {}
+    for a in coco.get("annotations", []):
+        if isinstance(a, dict):
+            text = orjson.dumps(a["segmentation"]).decode() if a.get("segmentation") else None
+            found.setdefault((a.get("image_id"), a.get("id")), []).append(text)
+    return found
+
+
+def _repeated(annotation_ids) -> set[int]:
+    """The annotation ids that more than one annotation carries."""
+    counts = pc.value_counts(annotation_ids)
+    return set(counts.filter(pc.greater(counts.field("counts"), 1)).field("values").to_pylist())
+
+
+def _key(name: str, annotation_id: int, position: int, repeated: set[int]) -> str:
+    return f"{name}#{annotation_id}@{position}" if annotation_id in repeated else f"{name}#{annotation_id}"
 
 
 def _refined_rows(source: Source, min_score: float | None) -> pa.Table:
-    columns = ["image_id", "image_uri", "annotation_id", "category_id", "segmentation", "score", "status"]
+    columns = ["image_id", "image_uri", "annotation_id", "ann_index", "category_id", "segmentation"]
+    columns += ["score", "status"]
     if source.uri.lower().endswith(".parquet"):
         table = pq.read_table(io.BytesIO(storage.read_bytes(source.uri)), columns=columns)
     else:
-        table = read_parts(source.uri, columns)
+        table = read_part_files(refined_parts(source.uri), columns)
+    repeated = _repeated(table["annotation_id"])
     keep = pc.equal(table["status"], Status.OK.value)
     if min_score is not None:
         keep = pc.and_(keep, pc.greater_equal(pc.fill_null(table["score"], -1.0), min_score))
     rows = table.filter(keep).to_pylist()
     return _table(
         source=[source.name] * len(rows),
-        key=[f"{source.name}#{r['annotation_id']}" for r in rows],
+        key=[_key(source.name, r["annotation_id"], r["ann_index"], repeated) for r in rows],
         image_uri=[r["image_uri"] for r in rows],
         segmentation=[orjson.dumps(r["segmentation"]).decode() for r in rows],
         height=[r["segmentation"]["size"][0] for r in rows],

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import logging
 from typing import IO
 
 import orjson
 
 from hqsam.hqsam_core import storage
-from hqsam.hqsam_core.errors import HqsamError
+from hqsam.hqsam_core.errors import HqsamError, one_line
 from hqsam.pipeline.read_refined import read_parts
 from hqsam.schemas.status import Status
+
+log = logging.getLogger(__name__)
 
 RESULT_COLUMNS = [
     "image_id",
@@ -19,8 +23,10 @@ RESULT_COLUMNS = [
     "segmentation",
     "score",
     "iou_vs_original",
+    "boundary_iou_vs_original",
     "status",
     "error",
+    "model",
 ]
 
 
@@ -54,7 +60,7 @@ def _write(handle: IO[bytes], coco: dict, results: dict, processed: set | None) 
             continue
         if key == "images" and processed is not None:
             value = [image for image in value if image.get("id") in processed]
-        handle.write(orjson.dumps(key) + b":" + orjson.dumps(value) + b",")
+        handle.write(orjson.dumps(key) + b":" + _dumps(value, key) + b",")
     handle.write(b'"annotations":[')
     first = True
     for position, annotation in enumerate(coco.get("annotations") or []):
@@ -63,7 +69,7 @@ def _write(handle: IO[bytes], coco: dict, results: dict, processed: set | None) 
             continue
         if i is not None:
             _apply(annotation, results, i)
-        handle.write((b"" if first else b",\n") + orjson.dumps(annotation))
+        handle.write((b"" if first else b",\n") + _dumps_annotation(annotation, position))
         first = False
     handle.write(b"]}\n")
 
@@ -89,4 +95,42 @@ def _apply(annotation: dict, results: dict, i: int) -> None:
         "status": status,
         "error": results["error"][i],
         "iou_vs_original": results["iou_vs_original"][i],
+        "boundary_iou_vs_original": results["boundary_iou_vs_original"][i],
+        "model": results["model"][i],
     }
+
+
+UNWRITABLE = (RecursionError, ValueError, TypeError)  # what the standard json module raises
+
+
+def _dumps(value, where: str) -> bytes:
+    """`value` as JSON, or a null in its place (with a warning) when it cannot be written at all.
+
+    orjson refuses values nested over 254 deep and integers beyond 64 bits, which an input file may
+    hold (storage.parse_json reads it with the standard library when orjson cannot): those values
+    go through the standard json module, which only a value nested beyond Python's recursion
+    limit, or one holding NaN there, defeats."""
+    try:
+        return orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        pass
+    try:
+        return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+    except UNWRITABLE as error:
+        log.warning("%s cannot be written as JSON (%s); written as null", where, one_line(error))
+        return b"null"
+
+
+def _dumps_annotation(annotation: dict, position: int) -> bytes:
+    """One annotation as JSON; a field that cannot be written at all becomes null, and the
+    annotation's `hqsam` object names it, so that one annotation never fails the file."""
+    try:
+        return orjson.dumps(annotation)
+    except orjson.JSONEncodeError:
+        pass
+    fields = {key: _dumps(value, f"{key!r} of annotation #{position}") for key, value in annotation.items()}
+    unwritable = [key for key, text in fields.items() if text == b"null" and annotation[key] is not None]
+    if unwritable:
+        hqsam = annotation.get("hqsam") if isinstance(annotation.get("hqsam"), dict) else {}
+        fields["hqsam"] = orjson.dumps(hqsam | {"unwritable_fields": unwritable})
+    return b"{" + b",".join(orjson.dumps(key) + b":" + text for key, text in fields.items()) + b"}"

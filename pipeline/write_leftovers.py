@@ -14,12 +14,13 @@ import logging
 import math
 from collections.abc import Callable
 
+import numpy as np
 import pyarrow as pa
 
 from hqsam.hqsam_core.errors import one_line
 from hqsam.pipeline.encode_masks import EncodeMasks
 from hqsam.pipeline.manifest import annotation_count
-from hqsam.pipeline.read_refined import not_yet_written
+from hqsam.pipeline.read_refined import CRASHED_PART_PREFIX, not_yet_written
 from hqsam.pipeline.refine_masks import NO_MASKS
 from hqsam.pipeline.refine_pipeline import RefineSettings, refine_stages
 from hqsam.pipeline.stage import Row, Stage, apply_ray
@@ -84,10 +85,13 @@ def refine_one_by_one(
 
 def write_crashed(tasks: pa.Table, out: str, settings: RefineSettings, error: str) -> None:
     """Write a WORKER_CRASHED row with `error` for every annotation of `tasks`, as the chain's sink
-    writes a row that was not refined."""
+    writes a row that was not refined, into parts of their own (CRASHED_PART_PREFIX) that a resume
+    removes to refine those rows again."""
     rows = [_crashed(task, error) for task in tasks.to_pylist()]
     rows = EncodeMasks().process(rows)
-    writer = WriteParquetParts(out, settings.variant, settings.images_per_file)
+    writer = WriteParquetParts(
+        out, settings.model_column, settings.images_per_file, prefix=CRASHED_PART_PREFIX
+    )
     for start in range(0, len(rows), settings.images_per_file):
         writer.process(rows[start : start + settings.images_per_file])
 
@@ -98,6 +102,7 @@ def _crashed(task: Row, error: str) -> Row:
     return task | {
         "statuses": [Status.WORKER_CRASHED] * count,
         "errors": [error] * count,
+        "prompts": np.full((count, 4), np.nan),  # no prompt was given to HQ-SAM
         "packed_masks": NO_MASKS,
         "scores": [math.nan] * count,
     }

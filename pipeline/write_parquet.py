@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hqsam.hqsam_core import storage
-from hqsam.pipeline.read_refined import PART_PREFIX
+from hqsam.pipeline.read_refined import PART_PREFIX, rows_folder
 from hqsam.pipeline.stage import Row, Stage
 from hqsam.schemas.refine_rows import IMAGE_ENCODED, IMAGE_WRITTEN
 from hqsam.schemas.refined import REFINED_ANNOTATION
@@ -24,26 +24,30 @@ from hqsam.schemas.status import Status
 
 
 class WriteParquetParts(Stage):
-    """Writes each batch of encoded images as OUT/part-<hash>.parquet; passes on per-image statuses."""
+    """Writes each batch of encoded images as OUT/rows/part-<hash>.parquet; passes on per-image statuses.
 
-    reads = ("image_id", "image_uri", "height", "width", "ann_ids", "ann_indices", "category_ids")
-    reads += ("statuses", "errors")
+    `prefix` starts the part names: write_leftovers names the parts of rows it did not refine apart,
+    so that a resume finds and refines them again."""
+
+    reads = ("image_id", "image_uri", "file_name", "height", "width", "ann_ids", "ann_indices")
+    reads += ("category_ids", "iscrowd", "prompts", "statuses", "errors")
     reads += ("scores", "rle_counts", "refined_bboxes", "areas", "ious", "boundary_ious")
     # The sink keeps only what progress needs; everything else is in the part file now.
     drops = tuple(name for name in IMAGE_ENCODED.names if name not in IMAGE_WRITTEN.names)
 
-    def __init__(self, out: str, model: str, images_per_file: int = 512) -> None:
-        self.out = out.rstrip("/")
+    def __init__(self, out: str, model: str, images_per_file: int = 512, prefix: str = PART_PREFIX) -> None:
+        self.folder = rows_folder(out)
         self.model = model
         self.batch_size = images_per_file
+        self.prefix = prefix
 
     def process(self, rows: list[Row]) -> list[Row]:
         table = pa.Table.from_pylist(list(self._annotation_rows(rows)), schema=REFINED_ANNOTATION)
         # Named after its rows, not at random: Ray reruns a task whose worker died, and the rerun
         # must replace a part it had already written, not add a second copy of its rows. A row is
         # named by its first annotation's position in the input: unique, even when image ids repeat.
-        name = part_name([row["ann_indices"][0] for row in rows])
-        write_atomically(f"{self.out}/{name}", table)
+        name = part_name([row["ann_indices"][0] for row in rows], self.prefix)
+        write_atomically(f"{self.folder}/{name}", table)
         return [{"image_id": row["image_id"], "statuses": list(row["statuses"])} for row in rows]
 
     def _annotation_rows(self, rows: list[Row]) -> Iterator[dict]:
@@ -56,12 +60,18 @@ class WriteParquetParts(Stage):
         ok = status == Status.OK
         # Sizes only for ok rows: without an image record they are NaN (null ints in numpy).
         size = [int(row["height"]), int(row["width"])] if ok else None
+        prompt = np.asarray(row["prompts"][k], np.float64)
         return {
             "image_id": int(row["image_id"]),
             "image_uri": row["image_uri"],
+            "file_name": row["file_name"] or None,
+            "width": _int_or_none(row["width"]),
+            "height": _int_or_none(row["height"]),
             "annotation_id": int(row["ann_ids"][k]),
             "ann_index": int(row["ann_indices"][k]),
             "category_id": _int_or_none(row["category_ids"][k]),
+            "iscrowd": int(row["iscrowd"][k]),
+            "prompt_box": prompt.tolist() if np.isfinite(prompt).all() else None,  # NaN: no prompt made
             "bbox": [float(v) for v in row["refined_bboxes"][k]] if ok else None,
             "area": int(row["areas"][k]) if ok else None,
             "segmentation": {"size": size, "counts": row["rle_counts"][k]} if ok else None,
@@ -74,10 +84,10 @@ class WriteParquetParts(Stage):
         }
 
 
-def part_name(first_positions: list[int]) -> str:
+def part_name(first_positions: list[int], prefix: str = PART_PREFIX) -> str:
     """The part file name of the task rows whose first annotations are at these input positions."""
     digest = hashlib.sha256(np.asarray(first_positions, np.int64).tobytes()).hexdigest()[:32]
-    return f"{PART_PREFIX}{digest}.parquet"
+    return f"{prefix}{digest}.parquet"
 
 
 def write_atomically(uri: str, table: pa.Table) -> None:

@@ -41,6 +41,9 @@ IMAGE_TASK = pa.schema(
     [
         pa.field("image_id", pa.int64(), nullable=False),
         pa.field("image_uri", pa.string()),  # null: no image record for these annotations
+        # the record's file_name (a Parquet manifest's image_uri) as written, before --images; null
+        # without a record
+        pa.field("file_name", pa.string()),
         pa.field("width", pa.int64()),  # as recorded; null when unknown
         pa.field("height", pa.int64()),
         pa.field("ann_ids", pa.list_(pa.int64())),
@@ -77,10 +80,11 @@ IMAGE_DECODED = after(
     ],
 )
 
-# Turns every pending status into Status.OK, or Status.INFERENCE_FAILED with its error.
+# Turns every pending status into Status.OK, or Status.INFERENCE_FAILED with its error. The prompts
+# travel on to the sink, which records each one as its row's `prompt_box`.
 IMAGE_REFINED = after(
     IMAGE_DECODED,
-    drops=("pixels", "prompts"),
+    drops=("pixels",),
     adds=[
         # numpy (number of ok annotations, ceil(height * width / 8)) uint8: each ok annotation's
         # refined mask as np.packbits of its height * width pixels, in annotation order

@@ -236,7 +236,7 @@ def refiner(checkpoint: Path):
 
 def read_out(out: Path) -> dict[int, dict]:
     """OUT's rows by annotation position; fails when an annotation has two rows."""
-    files = sorted(Path(out).glob("part-*.parquet"))
+    files = sorted(Path(out, "rows").glob("part-*.parquet"))
     rows = pa.concat_tables([pq.read_table(f) for f in files]).to_pylist() if files else []
     by_position = {row["ann_index"]: row for row in rows}
     assert len(by_position) == len(rows), "an annotation has more than one row"
@@ -688,7 +688,7 @@ def refine_killing(spec: dict, out: Path, kill) -> dict:
     def watch() -> None:
         try:
             while not state.get("done"):
-                parts = len(list(out.glob("part-*.parquet")))
+                parts = len(list((out / "rows").glob("part-*.parquet")))
                 actor = refine_actor()
                 if parts >= 2 and actor is not None:
                     kill(actor)

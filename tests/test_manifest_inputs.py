@@ -438,3 +438,23 @@ def test_an_image_with_many_boxes_is_split_into_bounded_rows_in_order(tmp_path: 
     # --limit counts images: every row of each
     assert [row["image_id"] for row in first_images(tasks, 1).to_pylist()] == [1] * (first // 256 + 1)
     assert image_count(first_images(tasks, 3)) == 3 and first_images(tasks, 10).num_rows == tasks.num_rows
+
+
+def test_task_rows_carry_the_file_name_as_the_input_writes_it(tmp_path: Path) -> None:
+    images = [image(1, "sub/a.png"), image(2, "s3://bucket/b.png"), image(3, "")]
+    annotations = [annotation(k, image_id) for k, image_id in enumerate([1, 2, 3, 9])]
+    path = coco_file(tmp_path / "coco.json", images, annotations)
+    tasks = read_manifest(str(path), "/data/root").tasks.to_pylist()
+    assert [(t["image_id"], t["file_name"], t["image_uri"]) for t in tasks] == [
+        (1, "sub/a.png", "/data/root/sub/a.png"),  # not the resolved path
+        (2, "s3://bucket/b.png", "s3://bucket/b.png"),
+        (3, None, None),  # no usable name
+        (9, None, None),  # no record
+    ]
+    rows = good_manifest_rows() + [good_manifest_rows()[0] | {"image_id": 8, "image_uri": None}]
+    path = manifest_file(tmp_path / "m.parquet", pa.Table.from_pylist(rows, schema=PARQUET_MANIFEST))
+    tasks = read_manifest(str(path)).tasks.to_pylist()
+    assert [(t["file_name"], t["image_uri"]) for t in tasks] == [
+        ("a.png", str(tmp_path / "a.png")),
+        (None, None),
+    ]

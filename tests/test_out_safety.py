@@ -19,6 +19,7 @@ from hqsam.hqsam_core import build_hqsam, save_model, storage
 from hqsam.hqsam_core.testing.random_weights import randomize_
 from hqsam.jobs.cli import app
 from hqsam.jobs.refine import report
+from hqsam.pipeline import write_coco as write_coco_module
 from hqsam.pipeline.out_folder import OutputNotEmptyError, prepare_out
 from hqsam.pipeline.write_coco import write_coco
 from tests.conftest import ROOT
@@ -139,7 +140,8 @@ def test_out_holding_only_the_runs_bookkeeping_counts_as_empty(tmp_path) -> None
     for name in bookkeeping:
         (out / name).write_text("{}")
     prepare_out(str(out), resume=False, overwrite=False)  # a run that failed before any output
-    (out / "part-0.parquet").write_bytes(b"rows")
+    (out / "rows").mkdir()
+    (out / "rows" / "part-0.parquet").write_bytes(b"rows")
     with pytest.raises(OutputNotEmptyError):
         prepare_out(str(out), resume=False, overwrite=False)
     prepare_out(str(out), resume=False, overwrite=True)  # the lease held by this run stays
@@ -179,31 +181,33 @@ def test_report_never_prints_a_negative_missing_count(capsys) -> None:
 # ---------------------------------------------------------------- item 4: annotations.json whole or not at all
 
 
-def deep(levels: int) -> list:
-    """A value orjson reads but cannot write (its writer stops at 254 levels): serialisation fails
-    after the annotations before it were written."""
-    value: list = []
-    for _ in range(levels):
-        value = [value]
-    return value
-
-
 @pytest.mark.parametrize("where", ["local", "s3"])
-def test_annotations_json_is_never_replaced_by_a_truncated_file(where, request, tmp_path) -> None:
+def test_annotations_json_is_never_replaced_by_a_truncated_file(
+    where, request, tmp_path, monkeypatch
+) -> None:
     if where == "s3":
         bucket = request.getfixturevalue("s3_bucket")
         root = f"s3://{bucket}"
     else:
         root = str(tmp_path)
     coco = coco_of(300)
-    coco["annotations"][-1]["attributes"] = deep(300)  # the last one: most of the file is written first
     annotations = storage.join(root, "in/coco.json")
     storage.write_bytes(annotations, json.dumps(coco).encode())
     out = storage.join(root, "out")  # no part files: every annotation is written as it came
     previous = b'{"images": [], "annotations": [], "note": "the previous, complete file"}'
     storage.write_bytes(storage.join(out, "annotations.json"), previous)
 
-    with pytest.raises(TypeError, match="Recursion"):
+    # The writer fails at the last annotation, most of the file written (a full disk, a lost
+    # connection): injected, since no input makes it fail any more (deep nesting is written).
+    dump = write_coco_module._dumps_annotation
+
+    def failing_at_the_last(annotation: dict, position: int) -> bytes:
+        if position == len(coco["annotations"]) - 1:
+            raise OSError("No space left on device")
+        return dump(annotation, position)
+
+    monkeypatch.setattr(write_coco_module, "_dumps_annotation", failing_at_the_last)
+    with pytest.raises(OSError, match="No space"):
         write_coco(annotations, out)
     assert storage.read_bytes(storage.join(out, "annotations.json")) == previous
     names = [uri.rsplit("/", 1)[-1] for uri in storage.list_folder(out)]

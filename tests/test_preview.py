@@ -71,7 +71,7 @@ def expected_ious() -> dict[int, float | None]:
 
 
 def make_run(root: Path) -> tuple[Path, Path, Path]:
-    """root/data/{imgs/*.png, annotations.json} and root/out/part-0.parquet; returns (out, annotations, imgs)."""
+    """root/data/{imgs/*.png, annotations.json} and root/out/rows/part-{0,1}.parquet; returns (out, annotations, imgs)."""
     imgs = root / "data" / "imgs"
     imgs.mkdir(parents=True)
     for image_id, (name, h, w) in IMAGES.items():
@@ -135,10 +135,10 @@ def make_run(root: Path) -> tuple[Path, Path, Path]:
     annotations = root / "data" / "annotations.json"
     annotations.write_text(json.dumps(coco))
     out = root / "out"
-    out.mkdir()
+    (out / "rows").mkdir(parents=True)
     # Two part files, as a run with two batches writes them.
-    pq.write_table(pa.Table.from_pylist(rows[:3], schema=REFINED_ANNOTATION), out / "part-0.parquet")
-    pq.write_table(pa.Table.from_pylist(rows[3:], schema=REFINED_ANNOTATION), out / "part-1.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[:3], schema=REFINED_ANNOTATION), out / "rows" / "part-0.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[3:], schema=REFINED_ANNOTATION), out / "rows" / "part-1.parquet")
     (out / "summary.json").write_text("{}")
     return out, annotations, imgs
 
@@ -320,10 +320,10 @@ def test_outline_is_the_inner_border() -> None:
 
 def test_spread_selection_is_even() -> None:
     rows = [
-        {"status": "ok", "iou_vs_original": v / 10, "image_id": 1, "annotation_id": v}
+        {"status": "ok", "iou_vs_original": v / 10, "image_id": 1, "annotation_id": v, "ann_index": v}
         for v in range(10, 0, -1)
     ]
-    rows.append({"status": "ok", "iou_vs_original": None, "image_id": 1, "annotation_id": 99})
+    rows.append({"status": "ok", "iou_vs_original": None, "image_id": 1, "annotation_id": 99, "ann_index": 0})
     rows.append({"status": "invalid_box", "iou_vs_original": None, "image_id": 1, "annotation_id": 98})
     assert [r["annotation_id"] for r in select_rows(rows, 4, worst=False)] == [1, 4, 7, 10]
     assert [r["annotation_id"] for r in select_rows(rows, 3, worst=True)] == [1, 2, 3]
@@ -337,6 +337,7 @@ def panel_row(height: int, width: int, refined, **values) -> dict:
     return {
         "image_id": 1,
         "annotation_id": 5,
+        "ann_index": 0,
         "category_id": 2,
         "image_uri": "/data/imgs/a.png",
         "score": 0.875,
@@ -414,7 +415,7 @@ def test_write_panels_writes_readable_rows_and_notes_the_rest(tmp_path: Path) ->
     Image.new("RGB", (50, 40), GRAY).save(tmp_path / "a.png")
     (tmp_path / "bad.png").write_bytes(b"not an image")
     good = panel_row(40, 50, (10, 30, 10, 40), image_uri=str(tmp_path / "a.png"))
-    again = {**good, "image_id": 2}  # the same annotation id on another image
+    again = {**good, "image_id": 2, "ann_index": 1}  # the same annotation id on another image
     missing = panel_row(40, 50, (10, 30, 10, 40), annotation_id=6, image_uri=str(tmp_path / "none.png"))
     broken = panel_row(40, 50, (10, 30, 10, 40), annotation_id=7, image_uri=str(tmp_path / "bad.png"))
     to = tmp_path / "preview"
@@ -424,7 +425,7 @@ def test_write_panels_writes_readable_rows_and_notes_the_rest(tmp_path: Path) ->
     assert sorted(p.name for p in to.iterdir()) == ["panel_5.png", "panel_5_2.png"]
     assert colour_at(decoded((to / "panel_5.png").read_bytes()), 10, 20) == REFINED_COLOUR
 
-    originals = {(1, 5): Original(json.dumps(rle(rect(40, 50, (12, 28, 12, 38)))), [], None)}
+    originals = {0: Original(json.dumps(rle(rect(40, 50, (12, 28, 12, 38)))), [], None)}  # by ann_index
     panels = write_panels([good, again], str(tmp_path / "with"), None, originals)
     assert panels[0].note is None and panels[1].note == "annotation not found in --annotations"
     assert colour_at(decoded((tmp_path / "with" / "panel_5.png").read_bytes()), 20, 12) == ORIGINAL_COLOUR
@@ -458,3 +459,64 @@ def test_preview_to_s3(tmp_path: Path, s3_bucket: str) -> None:
     page = IndexParser()
     page.feed(fs.cat(f"{s3_bucket}/preview/index.html").decode())
     assert [f["id"] for f in page.figures] == [11, 21]
+
+
+def test_rows_are_matched_to_their_own_annotation_when_ids_repeat(tmp_path: Path) -> None:
+    """Three annotations with id 7, two on one image and one on another: each panel shows its own
+    refined mask and its own original (matched by position in the input, `ann_index`)."""
+    (tmp_path / "imgs").mkdir()
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (200, 160), GRAY).save(tmp_path / "imgs" / name)
+    # position -> image id, refined rectangle, original rectangle (y0, y1, x0, x1)
+    shapes = {
+        0: (1, (40, 100, 30, 120), (50, 90, 50, 100)),
+        1: (2, (20, 80, 20, 100), (30, 70, 40, 90)),
+        2: (1, (100, 150, 130, 190), (110, 140, 140, 180)),
+    }
+    coco = {
+        "images": [
+            {"id": i, "file_name": f"imgs/{n}", "height": 160, "width": 200}
+            for i, n in ((1, "a.png"), (2, "b.png"))
+        ],
+        "annotations": [
+            {"id": 7, "image_id": image_id, "category_id": 1, "segmentation": rle(rect(160, 200, original))}
+            | {"bbox": [original[2], original[0], original[3] - original[2], original[1] - original[0]]}
+            for image_id, _, original in shapes.values()
+        ],
+    }
+    (tmp_path / "coco.json").write_text(json.dumps(coco))
+    ious = {
+        p: iou(rect(160, 200, refined), rect(160, 200, original))
+        for p, (_, refined, original) in shapes.items()
+    }
+    rows = [
+        {"image_id": image_id, "image_uri": str(tmp_path / "imgs" / ("a.png" if image_id == 1 else "b.png"))}
+        | {
+            "annotation_id": 7,
+            "ann_index": position,
+            "category_id": 1,
+            "segmentation": rle(rect(160, 200, refined)),
+        }
+        | {"score": 0.9, "iou_vs_original": ious[position], "status": "ok", "model": "vit_tiny"}
+        for position, (image_id, refined, _) in shapes.items()
+    ]
+    out = tmp_path / "out"
+    (out / "rows").mkdir(parents=True)
+    for position, row in enumerate(rows):  # one part per row: the rows of one id in different files
+        pq.write_table(
+            pa.Table.from_pylist([row], schema=REFINED_ANNOTATION), out / "rows" / f"part-{position}.parquet"
+        )
+
+    to = tmp_path / "preview"
+    preview(out, to, "--annotations", str(tmp_path / "coco.json"))
+    page = parse_index(to)
+    assert len(page.figures) == 3 and len({f["src"] for f in page.figures}) == 3
+    for figure in page.figures:
+        (position,) = [p for p in shapes if abs(ious[p] - figure["iou"]) < 1e-6]
+        _, (y0, y1, x0, x1), (oy0, oy1, ox0, ox1) = shapes[position]
+        pixels = panel_pixels(to / figure["src"], 160, 200)
+        assert colour_at(pixels, y0, (x0 + x1) // 2) == REFINED_COLOUR, position  # its own refined top
+        assert colour_at(pixels, (oy0 + oy1) // 2, ox0) == ORIGINAL_COLOUR, position  # its own original
+        others = [shapes[p][2] for p in shapes if p != position and shapes[p][0] == shapes[position][0]]
+        for oy0_, oy1_, ox0_, _ in others:  # and not the other annotation's of the same image and id
+            assert colour_at(pixels, (oy0_ + oy1_) // 2, ox0_) != ORIGINAL_COLOUR, position

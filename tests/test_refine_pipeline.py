@@ -113,11 +113,11 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def read_rows(out: Path | str, fs=None) -> dict[int, dict]:
-    """Every part file in OUT read with pyarrow, keyed by annotation id; fails on a duplicate id."""
+    """Every part file in OUT/rows read with pyarrow, keyed by annotation id; fails on a duplicate id."""
     if fs is None:
-        files, fs = sorted(str(p) for p in Path(out).glob("part-*.parquet")), None
+        files, fs = sorted(str(p) for p in Path(out, "rows").glob("part-*.parquet")), None
     else:
-        files = sorted(fs.glob(f"{out}/part-*.parquet"))
+        files = sorted(fs.glob(f"{out}/rows/part-*.parquet"))
     assert files, f"no part files in {out}"
     tables = [pq.read_table(f, filesystem=fs) for f in files]
     metadata = pq.ParquetFile(files[0], filesystem=fs).metadata
@@ -172,6 +172,7 @@ def labelme(ray_session, checkpoint: Path, tmp_path_factory: pytest.TempPathFact
 def test_labelme_parquet_rows_are_the_bare_refiners_masks(labelme, refiner, checkpoint) -> None:
     root, coco, out, summary = labelme
     rows = read_rows(out)
+    model = "vit_tiny:sha256=" + hashlib.sha256(checkpoint.read_bytes()).hexdigest()[:12]
     annotations = {a["id"]: a for a in coco["annotations"]}
     assert sorted(rows) == sorted(annotations) and len(rows) == 12
     assert 0 in {row["image_id"] for row in rows.values()}
@@ -184,20 +185,21 @@ def test_labelme_parquet_rows_are_the_bare_refiners_masks(labelme, refiner, chec
         for k, annotation in enumerate(own):
             row = rows[annotation["id"]]
             assert row["image_id"] == image["id"] and row["category_id"] == annotation["category_id"]
-            assert row["image_uri"].endswith(image["file_name"]) and row["model"] == "vit_tiny"
+            assert row["image_uri"].endswith(image["file_name"]) and row["model"] == model
             assert_refined_like(row, expected.masks[k], expected.scores[k])
             original = polygon_mask(annotation["segmentation"], image["height"], image["width"])
             assert row["iou_vs_original"] == pytest.approx(iou(expected.masks[k], original), abs=1e-6)
             assert 0.0 <= row["boundary_iou_vs_original"] <= 1.0
 
-    names = {p.name for p in out.iterdir()} - {p.name for p in out.glob("part-*.parquet")}
-    assert names == {"annotations.json", "summary.json", "_hqsam_run.json"}  # no temp file, no lease left
+    names = {p.name for p in out.iterdir()}
+    assert names == {"annotations.json", "summary.json", "_hqsam_run.json", "rows"}  # no temp file, no lease
+    assert all(p.name.startswith("part-") and p.suffix == ".parquet" for p in (out / "rows").iterdir())
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk == json.loads(json.dumps(summary))
     assert on_disk["annotations_total"] == 12 and on_disk["annotations_ok"] == 12
     assert on_disk["errors"] == {} and on_disk["images_resumed"] == 0
     assert on_disk["wall_time_s"] > 0 and on_disk["annotations_per_s"] > 0 and on_disk["images_per_s"] > 0
-    assert on_disk["model"] == "vit_tiny"
+    assert on_disk["model"] == model
     assert on_disk["checkpoint_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
 
 
@@ -214,7 +216,9 @@ def test_labelme_coco_output_loads_and_evaluates(labelme, capsys) -> None:
     for annotation in ground.dataset["annotations"]:
         original = next(a for a in coco["annotations"] if a["id"] == annotation["id"])
         assert set(original) - {"segmentation", "area", "bbox"} <= set(annotation)
-        assert set(annotation["hqsam"]) == {"score", "status", "error", "iou_vs_original"}
+        assert set(annotation["hqsam"]) == {
+            *("score", "status", "error", "iou_vs_original", "boundary_iou_vs_original", "model")
+        }
         assert annotation["hqsam"]["status"] == "ok" and annotation["hqsam"]["error"] is None
         rle = ground.annToRLE(annotation)
         assert annotation["area"] == int(mask_utils.area(rle))
@@ -420,7 +424,7 @@ def test_max_error_rate_decides_the_exit_code(statuses, checkpoint: Path) -> Non
     assert_exit(first, 1)  # default --max-error-rate 0.01
     failed = sum(status not in ("ok", "crowd_skipped") for status in expected.values())
     share = failed / len(expected)
-    before = sorted(p.name for p in out.glob("part-*.parquet"))
+    before = sorted(p.name for p in (out / "rows").glob("part-*.parquet"))
     for rate, code in [("1.0", 0), (repr(share), 0), (f"{share - 0.001:.4f}", 1)]:
         again = refine_cli(
             data / "coco.json",
@@ -436,7 +440,7 @@ def test_max_error_rate_decides_the_exit_code(statuses, checkpoint: Path) -> Non
         summary = json.loads((out / "summary.json").read_text())
         assert summary["images_resumed"] == summary["images_total"] == 15
         assert summary["error_rate"] == pytest.approx(share)
-    assert sorted(p.name for p in out.glob("part-*.parquet")) == before  # nothing refined twice
+    assert sorted(p.name for p in (out / "rows").glob("part-*.parquet")) == before  # nothing refined twice
     assert {k: row["status"] for k, row in read_rows(out).items()} == expected
 
 
@@ -502,7 +506,9 @@ def test_s3_in_and_out_without_credentials_in_logs(s3_bucket, checkpoint: Path, 
     refined = COCO(str(local))
     assert sorted(refined.anns) == [0, 1, 2]
     assert all(a["hqsam"]["status"] == "ok" for a in refined.anns.values())
-    assert not [name for name in fs.ls(f"{s3_bucket}/out") if name.endswith(".tmp")]
+    listed = fs.ls(f"{s3_bucket}/out", refresh=True) + fs.ls(f"{s3_bucket}/out/rows", refresh=True)
+    assert not [name for name in listed if name.endswith(".tmp")]
+    assert all(name.rsplit("/", 1)[-1].startswith("part-") for name in fs.ls(f"{s3_bucket}/out/rows"))
 
 
 # ---------------------------------------------------------------- OUT handling, --box-source, --limit
@@ -544,20 +550,19 @@ def test_refuse_overwrite_box_source_and_limit(ray_session, checkpoint: Path, re
     )
     assert_refined_like(rows[10], by_mask.masks[0], by_mask.scores[0])
 
-    parts = sorted(out.glob("part-*.parquet"))
+    parts = sorted((out / "rows").glob("part-*.parquet"))
     refused = refine_cli(path, *common)
     assert_exit(refused, 2)
     message = refused.stderr.strip()
     assert "\n" not in message and "not empty" in message and "--resume" in message, message
-    assert sorted(out.glob("part-*.parquet")) == parts  # left alone
+    assert sorted((out / "rows").glob("part-*.parquet")) == parts  # left alone
 
     assert not np.array_equal(by_mask.masks[0], by_box.masks[0])  # the two prompts differ
-    (out / ".part-0123456789abcdef.parquet.tmp").write_bytes(b"left by a killed writer")
+    (out / "rows" / ".part-0123456789abcdef.parquet.tmp").write_bytes(b"left by a killed writer")
     replaced = refine_cli(path, *common, "--overwrite", "--limit", "1")  # prompts from the bbox now
     assert_exit(replaced, 0)
-    assert sorted(p.name for p in out.iterdir()) == sorted(
-        [p.name for p in out.glob("part-*.parquet")] + ["summary.json", "_hqsam_run.json"]
-    )
+    assert sorted(p.name for p in out.iterdir()) == ["_hqsam_run.json", "rows", "summary.json"]
+    assert all(p.name.startswith("part-") for p in (out / "rows").iterdir())  # the temp file is gone
     assert json.loads((out / "_hqsam_run.json").read_text())["identity"]["box_source"] == "bbox"
     rows = read_rows(out)
     assert sorted(rows) == [10]  # the earlier run's rows of image 1 are gone

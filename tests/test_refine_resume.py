@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -21,9 +23,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from hqsam.hqsam_core import build_hqsam, save_model
+from hqsam.hqsam_core.errors import HqsamError
 from hqsam.hqsam_core.testing.random_weights import randomize_
 from hqsam.jobs.cli import app
-from hqsam.pipeline.out_folder import OutputNotEmptyError, prepare_out
+from hqsam.pipeline.manifest import read_manifest
+from hqsam.pipeline.out_folder import OldOutputLayoutError, OutputNotEmptyError, check_out, prepare_out
 from hqsam.pipeline.read_refined import not_yet_written
 from hqsam.pipeline.refine_pipeline import RefineSettings
 from hqsam.pipeline.refine_run import (
@@ -32,6 +36,7 @@ from hqsam.pipeline.refine_run import (
     with_absolute_paths,
 )
 from hqsam.pipeline.refine_summary import exit_code, summary_lines
+from hqsam.pipeline.write_leftovers import write_crashed
 from hqsam.pipeline.write_parquet import write_atomically
 from hqsam.schemas.refined import REFINED_ANNOTATION
 from tests.conftest import ROOT, kill_session
@@ -62,7 +67,7 @@ def write_dataset(root: Path) -> Path:
 
 
 def rows_by_id(out: Path) -> dict[int, dict]:
-    tables = [pq.read_table(p) for p in sorted(out.glob("part-*.parquet"))]
+    tables = [pq.read_table(p) for p in sorted((out / "rows").glob("part-*.parquet"))]
     rows = pa.concat_tables(tables).to_pylist() if tables else []
     ids = [row["annotation_id"] for row in rows]
     assert len(ids) == len(set(ids)), "an annotation has more than one row"
@@ -127,7 +132,7 @@ def test_killed_run_resumes_to_the_uninterrupted_rows(uninterrupted, checkpoint:
         )
     try:
         deadline = time.monotonic() + 400
-        while not list(out.glob("part-*.parquet")):
+        while not list((out / "rows").glob("part-*.parquet")):
             assert process.poll() is None, f"the run ended before writing a part:\n{log.read_text()}"
             assert time.monotonic() < deadline, "no part file after 400 s"
             time.sleep(0.02)
@@ -140,7 +145,7 @@ def test_killed_run_resumes_to_the_uninterrupted_rows(uninterrupted, checkpoint:
     partial = rows_by_id(out)
     assert 0 < len(partial) < 2 * IMAGES
     # What a kill in the middle of a write leaves behind: a temp file readers must ignore.
-    (out / ".part-0123456789abcdef.parquet.tmp").write_bytes(b"PAR1 half a file")
+    (out / "rows" / ".part-0123456789abcdef.parquet.tmp").write_bytes(b"PAR1 half a file")
 
     result = CliRunner().invoke(
         app,
@@ -155,19 +160,49 @@ def test_killed_run_resumes_to_the_uninterrupted_rows(uninterrupted, checkpoint:
     assert summary["annotations_total"] == summary["annotations_written"] == 2 * IMAGES
     assert summary["complete"]
     same_rows(rows_by_id(out), want)
+    assert not list((out / "rows").glob(".*"))  # the killed writer's temp file is gone: polars reads rows/
 
 
 @pytest.mark.slow
 def test_resume_of_a_finished_run_refines_nothing(uninterrupted, checkpoint: Path) -> None:
     path, out = uninterrupted
-    before = {p.name: p.read_bytes() for p in out.glob("part-*.parquet")}
+    before = {p.name: p.read_bytes() for p in (out / "rows").glob("part-*.parquet")}
     rows = rows_by_id(out)
     settings = RefineSettings("vit_tiny", str(checkpoint), None, "cpu", batch_size=BATCH)
     summary = run_refine(RefineConfig(str(path), str(out), settings=settings, resume=True), progress=False)
     assert summary["images_resumed"] == summary["images_total"] == IMAGES
     assert summary["annotations_per_s"] == 0 and summary["complete"]
-    assert {p.name: p.read_bytes() for p in out.glob("part-*.parquet")} == before
+    assert {p.name: p.read_bytes() for p in (out / "rows").glob("part-*.parquet")} == before
     same_rows(rows_by_id(out), rows)
+
+
+@pytest.mark.slow
+def test_resume_refines_the_rows_written_as_worker_crashed_again(uninterrupted, checkpoint, tmp_path) -> None:
+    path, reference = uninterrupted
+    want = rows_by_id(reference)
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    settings = RefineSettings(
+        "vit_tiny", str(checkpoint), None, "cpu", BATCH, images_per_file=PER_FILE, torch_threads=1
+    )
+    # Two images whose workers died on every try: their parts hold WORKER_CRASHED rows instead.
+    first = sorted((out / "rows").glob("part-*.parquet"))[0]
+    lost = set(pq.read_table(first, columns=["ann_index"])["ann_index"].to_pylist())
+    first.unlink()
+    tasks = read_manifest(str(path)).tasks
+    missing = not_yet_written(tasks, str(out))
+    assert set(pc.list_flatten(missing["ann_indices"]).to_pylist()) == lost
+    write_crashed(missing, str(out), settings, "the worker died")
+    crashed = rows_by_id(out)
+    assert sorted(crashed) == list(range(2 * IMAGES))
+    assert {crashed[ann]["status"] for ann in crashed if crashed[ann]["ann_index"] in lost} == {
+        "worker_crashed"
+    }
+
+    summary = run_refine(RefineConfig(str(path), str(out), settings=settings, resume=True), progress=False)
+    assert summary["images_resumed"] == IMAGES - missing.num_rows and summary["complete"]
+    assert summary["annotations_written"] == 2 * IMAGES and "worker_crashed" not in summary["errors"]
+    same_rows(rows_by_id(out), want)  # exactly one row per annotation, refined as uninterrupted
 
 
 # ---------------------------------------------------------------- OUT policy and accounting, no Ray
@@ -179,9 +214,14 @@ def test_out_is_made_refused_resumed_or_cleared_of_hqsams_files_only(tmp_path: P
     assert out.is_dir() and not list(out.iterdir())
     prepare_out(str(out), resume=False, overwrite=False)  # still empty: nothing to refuse
 
-    ours = ["part-0a1b.parquet", ".part-0a1b.parquet.5e6f.tmp", "annotations.json"]
-    ours += [".annotations.json.77.tmp", "summary.json"]
+    rows = out / "rows"
+    rows.mkdir()
+    parts = ["part-0a1b.parquet", "part-crashed-2c3d.parquet"]  # crashed: rows write_leftovers wrote
+    temps = [".part-0a1b.parquet.5e6f.tmp"]  # a killed writer's
+    ours = ["annotations.json", ".annotations.json.77.tmp", "summary.json"]
     theirs = ["notes.txt", "partial.parquet", "sub"]
+    for name in parts + temps:
+        (rows / name).write_bytes(b"x")
     for name in ours + theirs[:2]:
         (out / name).write_bytes(b"x")
     (out / "sub").mkdir()
@@ -191,9 +231,31 @@ def test_out_is_made_refused_resumed_or_cleared_of_hqsams_files_only(tmp_path: P
     assert refused.value.exit_code == 2 and "\n" not in message
     assert "not empty" in message and "--resume" in message and "--overwrite" in message
     prepare_out(str(out), resume=True, overwrite=False)
-    assert sorted(p.name for p in out.iterdir()) == sorted(ours + theirs)  # resumed: all kept
+    # resumed: all kept but the temp files and the unrefined rows' parts, refined again by the run
+    assert sorted(p.name for p in out.iterdir()) == sorted(ours + theirs + ["rows"])
+    assert [p.name for p in rows.iterdir()] == ["part-0a1b.parquet"]
+    (rows / temps[0]).write_bytes(b"x")
     prepare_out(str(out), resume=False, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == sorted(theirs)  # only hqsam's files go
+
+
+def test_resume_of_an_out_of_the_old_layout_is_refused_and_overwrite_clears_it(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("part-0a1b.parquet", "summary.json", "_hqsam_run.json"):  # parts directly in OUT
+        (out / name).write_bytes(b"x")
+    before = sorted(p.name for p in out.iterdir())
+    for check in (check_out, prepare_out):
+        with pytest.raises(OldOutputLayoutError) as refused:
+            check(str(out), resume=True, overwrite=False)
+        message = str(refused.value)
+        assert isinstance(refused.value, HqsamError) and refused.value.exit_code == 2
+        assert "\n" not in message and message.count(". ") == 0 and str(out) in message
+        assert "--overwrite" in message and "--out" in message and "rows" in message
+        assert sorted(p.name for p in out.iterdir()) == before  # refused before touching anything
+    prepare_out(str(out), resume=False, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["_hqsam_run.json"]
+    prepare_out(str(out), resume=True, overwrite=False)  # now of the new layout
 
 
 def test_resume_refines_only_images_without_rows_in_out(tmp_path: Path) -> None:
@@ -208,8 +270,11 @@ def test_resume_refines_only_images_without_rows_in_out(tmp_path: Path) -> None:
         | {"status": "ok", "model": "vit_tiny"}
         for image_id, k, position in [(1, 0, 0), (1, 1, 1), (3, 0, 3)]
     ]
-    write_atomically(str(tmp_path / "part-x.parquet"), pa.Table.from_pylist(rows, schema=REFINED_ANNOTATION))
-    (tmp_path / ".part-y.parquet.1.tmp").write_bytes(b"PAR1 half a file")  # a killed writer's: ignored
+    table = pa.Table.from_pylist(rows, schema=REFINED_ANNOTATION)
+    write_atomically(str(tmp_path / "rows" / "part-x.parquet"), table)
+    (tmp_path / "rows" / ".part-y.parquet.1.tmp").write_bytes(
+        b"PAR1 half a file"
+    )  # a killed writer's: ignored
     assert not_yet_written(tasks, str(tmp_path)).to_pydict() == {
         "image_id": [2, 4],
         "ann_indices": [[2], [4, 5]],
@@ -254,5 +319,5 @@ def test_exit_code_paths_and_summary_lines() -> None:
         "  crowd_skipped  1",
         "  invalid_box    1",
     ]
-    assert lines[-1] == "summary          /data/out/summary.json"
+    assert lines[-2:] == ["rows             /data/out/rows/", "summary          /data/out/summary.json"]
     assert "error rate       0.3333 (max 0.01)" in lines and "wall time        2.2 s" in lines

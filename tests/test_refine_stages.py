@@ -88,6 +88,7 @@ def task(image_id: int = 1, uri: str | None = "unused.png", boxes=((4, 4, 20, 16
     row = {
         "image_id": image_id,
         "image_uri": uri,
+        "file_name": uri and uri.rsplit("/", 1)[-1],
         "width": W,
         "height": H,
         "ann_ids": [10 * image_id + k for k in range(count)],
@@ -311,6 +312,7 @@ def test_encode_masks_rle_box_area_and_change_against_the_input_mask() -> None:
     ]
     statuses = [Status.OK, Status.INVALID_BOX, Status.OK, Status.OK]
     row = task(boxes=[(0, 0, 1, 1)] * 4, segmentations=segmentations) | {
+        "prompts": np.full((4, 4), np.nan),
         "statuses": statuses,
         "errors": ["", "bad box", "", ""],
         "scores": [0.5, math.nan, 0.25, 0.75],
@@ -335,6 +337,7 @@ def test_encode_masks_rle_box_area_and_change_against_the_input_mask() -> None:
 
 def test_encode_masks_leaves_rows_without_ok_annotations_empty() -> None:
     row = task(uri=None, boxes=[(0, 0, 1, 1)] * 2, width=None, height=None) | {
+        "prompts": np.full((2, 4), np.nan),
         "statuses": [Status.IMAGE_MISSING] * 2,
         "errors": ["no image record"] * 2,
         "scores": [math.nan] * 2,
@@ -351,12 +354,15 @@ def test_encode_masks_leaves_rows_without_ok_annotations_empty() -> None:
 def test_write_parquet_parts_writes_one_row_per_annotation(tmp_path) -> None:
     mask = square(4, 4, 30, 20)
     ok = task(1, boxes=[(4, 4, 26, 16), (0, 0, 0, 0)], segmentations=[json.dumps(encode_rle(mask)), ""]) | {
+        "iscrowd": [0, 1],
+        "prompts": np.array([[4.0, 4.0, 30.0, 20.0], [np.nan] * 4]),
         "statuses": [Status.OK, Status.INVALID_BOX],
         "errors": ["", "box has zero size"],
         "scores": [0.5, math.nan],
         "packed_masks": np.packbits(mask.reshape(1, -1), axis=1),
     }
     missing = task(2, uri=None, width=None, height=None) | {
+        "prompts": np.full((1, 4), np.nan),
         "statuses": [Status.IMAGE_MISSING],
         "errors": ["no image record for image_id 2"],
         "scores": [math.nan],
@@ -371,7 +377,9 @@ def test_write_parquet_parts_writes_one_row_per_annotation(tmp_path) -> None:
     ]
     assert all(set(row) == set(IMAGE_WRITTEN.names) for row in returned)
 
-    (part,) = tmp_path.iterdir()  # no temp file left behind
+    (rows_folder,) = tmp_path.iterdir()  # the parts have OUT/rows to themselves
+    assert rows_folder.name == "rows"
+    (part,) = rows_folder.iterdir()  # no temp file left behind
     # named by its rows' first input positions (100 and 200): unique even where image ids repeat
     name = hashlib.sha256(np.array([100, 200], np.int64).tobytes()).hexdigest()[:32]
     assert part.name == f"part-{name}.parquet"
@@ -394,9 +402,16 @@ def test_write_parquet_parts_writes_one_row_per_annotation(tmp_path) -> None:
         assert row["segmentation"] is None and row["bbox"] is None and row["area"] is None
         assert row["score"] is None and row["iou_vs_original"] is None and row["error"]
     assert rows[2]["image_uri"] is None and rows[2]["category_id"] == 1
+    # the image as the input names it, its size, crowd flag and the prompt given (none: null)
+    assert [(r["file_name"], r["width"], r["height"], r["iscrowd"]) for r in rows] == [
+        ("unused.png", W, H, 0),
+        ("unused.png", W, H, 1),
+        (None, None, None, 0),
+    ]
+    assert [r["prompt_box"] for r in rows] == [[4.0, 4.0, 30.0, 20.0], None, None]
 
     assert stage.process(encoded) == returned  # a rerun replaces its part, never adds a copy
-    assert [p.name for p in tmp_path.iterdir()] == [part.name]
+    assert [p.name for p in rows_folder.iterdir()] == [part.name]
 
 
 # ---------------------------------------------------------------- the whole chain, one process
@@ -427,7 +442,7 @@ def test_the_chain_runs_locally_on_the_shapes_example(settings, tmp_path) -> Non
     assert [row["image_id"] for row in rows] == [image["id"] for image in coco["images"]] + [99]
     assert sum(len(row["statuses"]) for row in rows) == len(coco["annotations"]) + 1
 
-    written = pq.read_table(tmp_path / "out").to_pylist()
+    written = pq.read_table(tmp_path / "out" / "rows").to_pylist()
     assert sorted(row["annotation_id"] for row in written) == sorted(
         [a["id"] for a in coco["annotations"]] + [990]
     )
@@ -441,6 +456,18 @@ def test_the_chain_runs_locally_on_the_shapes_example(settings, tmp_path) -> Non
     for row in written:
         by_image.setdefault(row["image_id"], []).append(row["status"])
     assert {row["image_id"]: list(row["statuses"]) for row in rows} == by_image
+    images = {image["id"]: image for image in coco["images"]}
+    for row in written[:-1]:  # what the input says of each annotation, carried into its row
+        annotation, image = coco["annotations"][row["ann_index"]], images[row["image_id"]]
+        assert (row["file_name"], row["width"], row["height"]) == (
+            image["file_name"],
+            image["width"],
+            image["height"],
+        )
+        x, y, w, h = annotation["bbox"]
+        clipped = [max(0, x), max(0, y), min(image["width"], x + w), min(image["height"], y + h)]
+        assert row["iscrowd"] == annotation["iscrowd"] and row["prompt_box"] == pytest.approx(clipped)
+    assert written[-1]["file_name"] == "absent.png" and written[-1]["prompt_box"] is None
     sizes = {image["id"]: [image["height"], image["width"]] for image in coco["images"]}
     for row in written[:-1]:
         rle = {"size": row["segmentation"]["size"], "counts": row["segmentation"]["counts"].encode()}

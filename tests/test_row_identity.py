@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 
 from hqsam.hqsam_core import BoxRefiner, build_hqsam, save_model
 from hqsam.hqsam_core.testing.random_weights import randomize_
+from hqsam.hqsam_core.zoo import sha256_file
 from hqsam.jobs.cli import app
 from hqsam.pipeline.manifest import MAX_ANNOTATIONS_PER_ROW, read_manifest
 from hqsam.pipeline.read_refined import not_yet_written
@@ -86,7 +87,7 @@ def refine_locally(rows: list[dict], out: Path, settings: RefineSettings, *probe
 
 def written(out: Path) -> list[dict]:
     """Every row of OUT's parts, in input order; fails on an annotation written twice."""
-    tables = [pq.read_table(p) for p in sorted(out.glob("part-*.parquet"))]
+    tables = [pq.read_table(p) for p in sorted((out / "rows").glob("part-*.parquet"))]
     assert all(table.schema.equals(REFINED_ANNOTATION) for table in tables)
     rows = sorted(pa.concat_tables(tables).to_pylist(), key=lambda row: row["ann_index"])
     positions = [row["ann_index"] for row in rows]
@@ -175,7 +176,7 @@ def test_write_coco_gives_each_duplicate_id_the_row_at_its_position(settings, tm
     tasks = read_manifest(str(path)).tasks
     assert [t["ann_indices"] for t in tasks.to_pylist()] == [[0, 2], [1, 3], [4]]
     out = tmp_path / "out"
-    out.mkdir()
+    (out / "rows").mkdir(parents=True)
     rows = []
     for position, annotation in enumerate(coco["annotations"]):
         ok = position < 4
@@ -193,7 +194,7 @@ def test_write_coco_gives_each_duplicate_id_the_row_at_its_position(settings, tm
     # one part per task row, as the sink writes them (rows of one image in one part)
     for name, positions in [("a", [0, 2]), ("b", [1, 3]), ("c", [4])]:
         table = pa.Table.from_pylist([rows[p] for p in positions], schema=REFINED_ANNOTATION)
-        pq.write_table(table, out / f"part-{name}.parquet")
+        pq.write_table(table, out / "rows" / f"part-{name}.parquet")
 
     write_coco(str(path), str(out))
     refined = json.loads((out / "annotations.json").read_text())
@@ -214,7 +215,7 @@ def test_write_coco_gives_each_duplicate_id_the_row_at_its_position(settings, tm
     )
 
     config = RefineConfig(str(path), str(out), settings=settings, max_error_rate=1.0)
-    summary = account(config, tasks, tasks, 1.0, Path(settings.checkpoint))
+    summary = account(config, tasks, tasks, 1.0, sha256_file(settings.checkpoint))
     assert summary["duplicate_annotation_ids"] == {"ids": 2, "annotations": 5, "examples": [7, 8]}
     assert summary["complete"] and summary["annotations_written"] == 5
     assert summary["annotations_written_twice"] == 0
@@ -225,8 +226,8 @@ def test_write_coco_gives_each_duplicate_id_the_row_at_its_position(settings, tm
     )
 
     # A row copied in twice (another part with the same position) is counted once, and flagged.
-    pq.write_table(pa.Table.from_pylist(rows[:1], schema=REFINED_ANNOTATION), out / "part-z.parquet")
-    again = account(config, tasks, tasks, 1.0, Path(settings.checkpoint))
+    pq.write_table(pa.Table.from_pylist(rows[:1], schema=REFINED_ANNOTATION), out / "rows" / "part-z.parquet")
+    again = account(config, tasks, tasks, 1.0, sha256_file(settings.checkpoint))
     assert again["annotations_written"] == 5 and again["annotations_written_twice"] == 1
     assert not again["complete"] and again["errors"] == {"image_missing": 1}
     assert any(line.startswith("written twice") for line in summary_lines(again))
@@ -235,11 +236,11 @@ def test_write_coco_gives_each_duplicate_id_the_row_at_its_position(settings, tm
 def test_write_coco_refuses_the_rows_of_another_annotation_file(settings, tmp_path) -> None:
     path, coco, _ = duplicate_id_dataset(tmp_path / "data")
     out = tmp_path / "out"
-    out.mkdir()
+    (out / "rows").mkdir(parents=True)
     rows = [
         {"image_id": 2, "annotation_id": 7, "ann_index": 0, "status": "image_missing", "model": "vit_tiny"}
     ]
-    pq.write_table(pa.Table.from_pylist(rows, schema=REFINED_ANNOTATION), out / "part-a.parquet")
+    pq.write_table(pa.Table.from_pylist(rows, schema=REFINED_ANNOTATION), out / "rows" / "part-a.parquet")
     with pytest.raises(OutputMismatchError) as refused:
         write_coco(str(path), str(out))
     message = str(refused.value)
@@ -317,7 +318,9 @@ def test_a_null_image_uri_fails_its_rows_and_repeated_image_ids_are_one_image(se
     assert tasks["image_id"].to_pylist() == [1, 2, 3]  # image 1's two rows are one task
     returned = refine_locally(tasks.to_pylist(), tmp_path / "out", settings)
     assert [row["image_id"] for row in returned] == [1, 2, 3]
-    assert len(list((tmp_path / "out").glob("part-*.parquet"))) == 3  # one part per task, none shared
+    assert (
+        len(list((tmp_path / "out" / "rows").glob("part-*.parquet"))) == 3
+    )  # one part per task, none shared
     rows = {row["ann_index"]: row for row in written(tmp_path / "out")}
     assert len(rows) == 4 and rows[1]["status"] == "image_missing" and rows[1]["image_uri"] is None
     assert_own_masks(rows, bare, pixels["a.png"], {0: BOXES["A"], 2: BOXES["C"]})
@@ -359,7 +362,7 @@ def test_resume_skips_no_row_of_a_repeated_image_id_or_a_split_image(tmp_path) -
     total = set(range(3 + many))
     for done_rows in ([0], [1], [2], [0, 2], [0, 1, 2]):
         out = tmp_path / f"out{done_rows}"
-        out.mkdir()
+        (out / "rows").mkdir(parents=True)
         for k in done_rows:  # one part per task row, as a run killed after writing them leaves
             task = tasks.slice(k, 1).to_pylist()[0]
             rows = [
@@ -367,7 +370,9 @@ def test_resume_skips_no_row_of_a_repeated_image_id_or_a_split_image(tmp_path) -
                 | {"status": "crowd_skipped", "model": "vit_tiny"}
                 for ann_id, position in zip(task["ann_ids"], task["ann_indices"])
             ]
-            pq.write_table(pa.Table.from_pylist(rows, schema=REFINED_ANNOTATION), out / f"part-{k}.parquet")
+            pq.write_table(
+                pa.Table.from_pylist(rows, schema=REFINED_ANNOTATION), out / "rows" / f"part-{k}.parquet"
+            )
         remaining = not_yet_written(tasks, str(out))
         assert remaining.to_pylist() == [t for k, t in enumerate(tasks.to_pylist()) if k not in done_rows]
         done = {row["ann_index"] for row in written(out)} if done_rows else set()
@@ -394,7 +399,7 @@ def test_a_killed_run_of_repeated_image_ids_and_split_images_resumes_every_row_o
     assert [row["ann_index"] for row in rows] == list(range(3 + many))
     assert [row["annotation_id"] for row in rows] == [0, 1, *range(10, 10 + many), 5]
     assert [row["status"] for row in rows].count("ok") == 4 and not_yet_written(tasks, str(out)).num_rows == 0
-    assert len(list(out.glob("part-*.parquet"))) == 3
+    assert len(list((out / "rows").glob("part-*.parquet"))) == 3
     for got, expected in zip(rows, want):
         for key in ("image_id", "status", "segmentation", "bbox", "area", "error"):
             assert got[key] == expected[key], (got["ann_index"], key)

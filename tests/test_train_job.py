@@ -67,8 +67,9 @@ def test_parse_source_options_and_kinds(thin_pair: Path, tmp_path: Path) -> None
     source = parse_source(f"{labelme}/annotations.json::weight=2.5::images={labelme}")
     assert (source.kind, source.weight, source.images) == ("coco", 2.5, str(labelme))
     assert parse_source(str(thin_pair)).kind == "folders"
-    write_atomically(str(tmp_path / "refined" / "part-0.parquet"), REFINED_ANNOTATION.empty_table())
-    assert parse_source(str(tmp_path / "refined")).kind == "refined"
+    write_atomically(str(tmp_path / "refined" / "rows" / "part-0.parquet"), REFINED_ANNOTATION.empty_table())
+    assert parse_source(str(tmp_path / "refined")).kind == "refined"  # OUT
+    assert parse_source(str(tmp_path / "refined" / "rows")).kind == "refined"  # OUT/rows
     bad = [
         (f"{thin_pair}::weight=0", "positive"),
         (f"{thin_pair}::weight=x", "positive"),
@@ -191,7 +192,8 @@ def test_refined_source_keeps_ok_rows_above_min_score(tmp_path: Path) -> None:
             | {"boundary_iou_vs_original": None, "status": status, "error": None, "model": "vit_tiny"}
         )
     write_atomically(
-        str(tmp_path / "out" / "part-a.parquet"), pa.Table.from_pylist(rows, schema=REFINED_ANNOTATION)
+        str(tmp_path / "out" / "rows" / "part-a.parquet"),
+        pa.Table.from_pylist(rows, schema=REFINED_ANNOTATION),
     )
     source = parse_source(str(tmp_path / "out"))
     assert [r["annotation_id"] for r in source_rows(source).to_pylist()] == [0, 1, 3]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
@@ -39,6 +40,7 @@ from hqsam.pipeline.train_checkpoints import (
 from hqsam.pipeline.train_config import TrainConfig, TrainError, check_config, record_config
 from hqsam.pipeline.train_run import sample_dataset, training_data
 from hqsam.pipeline.train_sources import SourceError, parse_source, source_rows
+from hqsam.schemas.refined import REFINED_ANNOTATION
 from hqsam.schemas.train_rows import SAMPLE_SOURCE, TrainSample
 
 # ---------------------------------------------------------------- the LoadSamples stage
@@ -163,6 +165,52 @@ def test_parse_source_reads_every_option_and_names_the_bad_one(pair: Path, tmp_p
         parse_source(f"{pair}::weight=inf")
     with pytest.raises(SourceError, match="neither a folder"):
         parse_source(str(pair / "im" / "a.png"))
+
+
+def test_sources_keep_annotations_that_share_an_id_apart(tmp_path: Path) -> None:
+    """Ids 7 three times (twice on one image) and 8 once: every sample gets its own key, and with
+    ::original= its own original mask; a refine output's rows too."""
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(tmp_path / "x.png")
+
+    def square(k: int) -> list:
+        return [[k, k, k + 5.0, k, k + 5.0, k + 5.0, k, k + 5.0]]
+
+    ids = [(7, 1), (7, 2), (8, 1), (7, 1)]  # (annotation id, image id) in file order
+    coco = {
+        "images": [{"id": i, "file_name": "x.png", "width": 30, "height": 20} for i in (1, 2)],
+        "annotations": [
+            {"id": a, "image_id": i, "category_id": 1, "segmentation": square(k), "iscrowd": 0}
+            for k, (a, i) in enumerate(ids)
+        ],
+    }
+    original = json.loads(json.dumps(coco))
+    for k, annotation in enumerate(original["annotations"]):
+        annotation["segmentation"] = square(10 + k)
+    (tmp_path / "coco.json").write_text(json.dumps(coco))
+    (tmp_path / "original.json").write_text(json.dumps(original))
+
+    rows = source_rows(parse_source(f"{tmp_path / 'coco.json'}::original={tmp_path / 'original.json'}"))
+    rows = rows.to_pylist()
+    name = str(tmp_path / "coco.json")
+    # grouped by image: image 1's annotations (positions 0, 2, 3), then image 2's (position 1)
+    assert [r["key"] for r in rows] == [f"{name}#7@0", f"{name}#8", f"{name}#7@3", f"{name}#7@1"]
+    for row, position in zip(rows, [0, 2, 3, 1]):
+        assert json.loads(row["segmentation"]) == square(position)
+        assert json.loads(row["original_segmentation"]) == square(10 + position), position
+
+    refined = [
+        {"image_id": i, "image_uri": str(tmp_path / "x.png"), "annotation_id": a, "ann_index": k}
+        | {"segmentation": {"size": [20, 30], "counts": "0"}, "score": 0.9, "status": "ok"}
+        | {"model": "vit_tiny"}
+        for k, (a, i) in enumerate(ids)
+    ]
+    (tmp_path / "out" / "rows").mkdir(parents=True)
+    pq.write_table(
+        pa.Table.from_pylist(refined, schema=REFINED_ANNOTATION), tmp_path / "out" / "rows" / "part-0.parquet"
+    )
+    keys = [r["key"] for r in source_rows(parse_source(str(tmp_path / "out"))).to_pylist()]
+    out = str(tmp_path / "out")
+    assert keys == [f"{out}#7@0", f"{out}#7@1", f"{out}#8", f"{out}#7@3"]
 
 
 # ---------------------------------------------------------------- the recipe
