@@ -37,6 +37,7 @@ def _images_and_boxes() -> tuple[list[np.ndarray], list[np.ndarray]]:
     return images, boxes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("crop_zoom", [None, 0.3])
 def test_refine_chunks_put_together_equal_refine(refiner: BoxRefiner, crop_zoom: float | None) -> None:
     images, boxes = _images_and_boxes()
@@ -58,6 +59,7 @@ def test_refine_chunks_put_together_equal_refine(refiner: BoxRefiner, crop_zoom:
         assert (expected[0].crops[:, 0] >= 0).any() and (expected[0].crops[:, 0] < 0).any()
 
 
+@pytest.mark.slow
 def test_refine_chunks_hands_out_each_decoder_call_before_the_next(refiner: BoxRefiner) -> None:
     images, boxes = _images_and_boxes()
     calls = []

@@ -47,6 +47,7 @@ def state_hash(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+@pytest.mark.slow
 def test_random_weights_are_the_same_in_every_process_whatever_the_global_seed() -> None:
     torch.manual_seed(123)
     first = state_hash(build_hqsam("vit_tiny", RANDOM_WEIGHTS))
