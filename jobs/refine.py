@@ -78,7 +78,8 @@ GPU_WAIT_OPTION = typer.Option(
     help="With --device cuda on an autoscaling cluster: seconds to wait for a GPU node.",
 )
 RANDOM_WEIGHTS_WARNING = (
-    "warning: --checkpoint random: the model has random weights, so its masks are meaningless (a dry run)"
+    "hqsam: warning: --checkpoint random: the model has random weights, so its masks are meaningless "
+    "(a dry run)"
 )
 MAX_ERROR_RATE_OPTION = typer.Option(
     0.01, "--max-error-rate", min=0.0, max=1.0, help="Exit 1 when more than this share of annotations failed."

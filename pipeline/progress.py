@@ -65,6 +65,7 @@ class ProgressReporter:
         self.values: dict[str, str] = {}
         self._last_draw = -math.inf
         self._last_plain = -math.inf
+        self._last_plain_text = ""
         self._next_share = 0.0
         self._width = 0
         self._closed = False
@@ -179,7 +180,10 @@ class ProgressReporter:
         if final or now - self._last_plain >= PLAIN_EVERY_S or share >= self._next_share:
             self._last_plain = now
             self._next_share = (math.floor(share / PLAIN_EVERY_SHARE) + 1) * PLAIN_EVERY_SHARE
-            self._write(self.line() + "\n")
+            text = self.line()
+            if not (final and text == self._last_plain_text):  # the last line was already this one
+                self._write(text + "\n")
+                self._last_plain_text = text
 
     def _write(self, text: str) -> None:
         self.stream.write(text)

@@ -101,11 +101,25 @@ def test_plain_lines_come_every_tenth_and_every_ten_seconds_without_control_char
     progress.advance(0)  # nothing done, but 10 s since the last line
     assert len(stream.getvalue().splitlines()) == 3
     progress.advance(60)  # 75%: a tenth passed
-    progress.close()
+    progress.close()  # the last line already says 75/100: not written twice
     lines = stream.getvalue().splitlines()
-    assert len(lines) == 5 and lines[-1].startswith("refine 75/100 rows (75%)")
+    assert len(lines) == 4 and lines[-1].startswith("refine 75/100 rows (75%)")
     assert "\r" not in stream.getvalue() and "\x1b" not in stream.getvalue()
     assert stream.getvalue().endswith("\n")
+
+
+def test_the_last_plain_line_comes_once_and_after_any_change() -> None:
+    progress, stream, clock = reporter(10, interactive=False, counters=("failed",))
+    progress.advance(10)  # 100%: a tenth passed, printed at once
+    progress.close()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("refine 10/10 rows (100%)")
+    progress, stream, clock = reporter(10, interactive=False, counters=("failed",))
+    progress.advance(5)
+    progress.advance(0, failed=1)  # a change between tenths: the closing line shows it
+    progress.close()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2 and lines[-1].endswith("1 failed")
 
 
 def test_in_place_line_is_redrawn_with_carriage_returns_and_ends_with_a_newline() -> None:
