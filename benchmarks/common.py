@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
+import sys
 from pathlib import Path
 
 
@@ -43,3 +45,14 @@ def write_result(path: Path | None, result: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
+
+
+def child_result(script: Path, args: list[str], *, cwd: Path | None = None, env: dict | None = None) -> dict:
+    """Run `script args` in a fresh Python process; its last `RESULT {json}` line of stdout."""
+    done = subprocess.run(
+        [sys.executable, str(script), *args], capture_output=True, text=True, check=False, cwd=cwd, env=env
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode or not lines:
+        raise RuntimeError(f"{script} {args[:2]} failed (rc {done.returncode}):\n{done.stderr[-4000:]}")
+    return json.loads(lines[-1][len("RESULT ") :])

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,7 +37,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import machine, status_kb, write_result  # noqa: E402
+from benchmarks.common import child_result, machine, status_kb, write_result  # noqa: E402
 
 
 def decoded_row(boxes: int, size: tuple[int, int], seed: int = 0) -> dict:
@@ -103,18 +102,7 @@ def child(spec: dict) -> dict:
 
 
 def run_child(tree: Path, env: dict[str, str] | None, spec: dict) -> dict:
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "memory.py"), "--child", json.dumps(spec)],
-        capture_output=True,
-        text=True,
-        check=False,
-        cwd=tree,
-        env=env,
-    )
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode or not lines:
-        raise RuntimeError(f"child in {tree} failed (rc {done.returncode}):\n{done.stderr[-4000:]}")
-    return json.loads(lines[-1][len("RESULT ") :])
+    return child_result(ROOT / "benchmarks" / "memory.py", ["--child", json.dumps(spec)], cwd=tree, env=env)
 
 
 def measure(args: argparse.Namespace, work: Path) -> dict[str, list[dict]]:

@@ -41,7 +41,6 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -52,7 +51,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import machine, status_kb, write_result  # noqa: E402
+from benchmarks.common import child_result, machine, status_kb, write_result  # noqa: E402
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
@@ -346,16 +345,7 @@ CHILDREN = {"bare": child_bare, "stages": child_stages, "ray": child_ray, "memor
 
 def run_child(kind: str, spec: dict) -> dict:
     started = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, __file__, "--child", kind, json.dumps(spec)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode or not lines:
-        raise RuntimeError(f"{kind} child failed (rc {done.returncode}):\n{done.stderr[-4000:]}")
-    result = json.loads(lines[-1][len("RESULT ") :])
+    result = child_result(Path(__file__), ["--child", kind, json.dumps(spec)])
     result["process_wall_s"] = time.perf_counter() - started
     result["load_average_1min_after"] = os.getloadavg()[0]  # other work on this shared machine
     return result

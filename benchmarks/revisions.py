@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import machine, write_result  # noqa: E402
+from benchmarks.common import child_result, machine, write_result  # noqa: E402
 from benchmarks.pipeline import write_checkpoint, write_dataset  # noqa: E402
 
 PACKAGES = ("hqsam_core", "pipeline", "jobs", "schemas")
@@ -53,18 +53,9 @@ def checkout(revision: str, into: Path) -> dict[str, str]:
 
 def run_child(tree: Path, env: dict[str, str] | None, kind: str, spec: dict) -> dict:
     """One pipeline.py child of `tree`, in a fresh process; its RESULT plus the load after it."""
-    done = subprocess.run(
-        [sys.executable, str(tree / "benchmarks" / "pipeline.py"), "--child", kind, json.dumps(spec)],
-        capture_output=True,
-        text=True,
-        check=False,
-        cwd=tree,
-        env=env,
-    )
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode or not lines:
-        raise RuntimeError(f"{kind} child of {tree} failed (rc {done.returncode}):\n{done.stderr[-4000:]}")
-    return {**json.loads(lines[-1][len("RESULT ") :]), "load_average_1min_after": os.getloadavg()[0]}
+    script = tree / "benchmarks" / "pipeline.py"
+    result = child_result(script, ["--child", kind, json.dumps(spec)], cwd=tree, env=env)
+    return {**result, "load_average_1min_after": os.getloadavg()[0]}
 
 
 def compare(args: argparse.Namespace, work: Path) -> dict:

@@ -202,18 +202,7 @@ def run_piped(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProce
 
 @pytest.mark.slow
 def test_refine_in_a_terminal_redraws_its_progress_line(tmp_path, random_checkpoint) -> None:
-    controller, terminal = pty.openpty()
-    process = subprocess.Popen(
-        refine_argv(tmp_path / "out", random_checkpoint),
-        stdin=terminal,
-        stdout=terminal,
-        stderr=terminal,
-        env=child_env(),
-        start_new_session=True,
-    )
-    os.close(terminal)
-    output = read_until_exit(controller, process)
-    assert process.returncode == 0, output[-3000:]
+    output = run_in_a_terminal(refine_argv(tmp_path / "out", random_checkpoint))
     summary = output.index("annotations ")
     shown = output[:summary]
     draws = [part.strip() for part in shown.split("\r")[1:]]
@@ -221,6 +210,18 @@ def test_refine_in_a_terminal_redraws_its_progress_line(tmp_path, random_checkpo
     assert len([m for m in progress if m]) >= 2, shown  # drawn, then redrawn in place
     last = [m for m in progress if m][-1]
     assert last.group(1) == last.group(2) == str(SHAPES_ROWS)
+
+
+def run_in_a_terminal(argv: list[str]) -> str:
+    """What a command prints in a pseudo-terminal (stdin, stdout and stderr); it must exit 0."""
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen(
+        argv, stdin=terminal, stdout=terminal, stderr=terminal, env=child_env(), start_new_session=True
+    )
+    os.close(terminal)
+    output = read_until_exit(controller, process)
+    assert process.returncode == 0, output[-3000:]
+    return output
 
 
 def read_until_exit(controller: int, process: subprocess.Popen, timeout_s: float = 600) -> str:

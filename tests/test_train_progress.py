@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
-import pty
 import re
 import shutil
 import subprocess
@@ -23,7 +21,7 @@ from PIL import Image
 from hqsam.hqsam_core.testing.thin_structures import generate_thin_structures
 from hqsam.pipeline.progress import ProgressReporter
 from hqsam.pipeline.train_progress import StepTeller, TrainingProgress
-from tests.test_progress_and_logs import HQSAM, RAY_NOISE, FakeClock, child_env, read_until_exit
+from tests.test_progress_and_logs import HQSAM, RAY_NOISE, FakeClock, child_env, run_in_a_terminal
 
 TRAIN_LINE = re.compile(
     r"^train (\d+)/(\d+) steps \(\d+%\), [\d.]+ samples/s, ETA [\d:?]+"
@@ -163,18 +161,7 @@ def test_resumed_train_in_a_terminal_redraws_its_progress_line(
     first, _ = piped_run
     out = tmp_path / "run"
     shutil.copytree(first, out)
-    controller, terminal = pty.openpty()
-    process = subprocess.Popen(
-        train_argv(out, pair, tiny_checkpoint, max_steps=3),
-        stdin=terminal,
-        stdout=terminal,
-        stderr=terminal,
-        env=child_env(),
-        start_new_session=True,
-    )
-    os.close(terminal)
-    output = read_until_exit(controller, process)
-    assert process.returncode == 0, output[-3000:]
+    output = run_in_a_terminal(train_argv(out, pair, tiny_checkpoint, max_steps=3))
     shown = output[: output.index("trained 3 steps")]
     assert "\x1b" not in shown
     for noise in TRAIN_NOISE:
