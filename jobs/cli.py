@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 import typer
 
-from hqsam.jobs import evaluate, predict, preview, refine, train
+from hqsam.jobs import evaluate, manifest, predict, preview, refine, train
 from hqsam.jobs.jobs_commands import jobs_app
 from hqsam.jobs.options import HqsamCommand, HqsamGroup
 
@@ -91,6 +91,8 @@ for command in (
     evaluate.evaluate,
 ):
     app.command(cls=HqsamCommand)(command)
+# Hidden until `hqsam refine` reads its output (issue 14): today a user could do nothing with it.
+app.command(cls=HqsamCommand, hidden=True)(manifest.manifest)
 app.add_typer(jobs_app, name="jobs")
 
 if __name__ == "__main__":

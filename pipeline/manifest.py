@@ -175,43 +175,60 @@ def _gc_paused():
 
 
 def _coco_images(records, root: str, name: str) -> _Images:
-    if records is None:
-        records = []  # no image records: every annotation is image_missing
-    if not isinstance(records, list):
-        raise ManifestError(f"'images' in {name} is {_kind(records)}, not a list of image records")
     images = _Images(root, name)
-    for position, record in enumerate(records):
-        if not isinstance(record, dict):
-            raise ManifestError(f"image #{position} in {name} is {_kind(record)}, not an object")
-        image_id = record.get("id")
-        if not _is_id(image_id):
-            raise ManifestError(f"image #{position} in {name} has id {image_id!r}: {ID_RULE}")
-        images.add(image_id, record.get("file_name"), record.get("width"), record.get("height"))
+    for position, record in enumerate(image_records(records, name)):
+        images.add(*image_fields(record, position, name))
     return images
 
 
-def _flatten(annotations: list, images: _Images, name: str) -> tuple[np.ndarray, list[pa.Array]]:
-    """Each annotation's image row, and the annotation columns, in file order. Frees each parsed
+def image_records(records, name: str) -> list:
+    """The 'images' value of a COCO file as a list of records (none when absent or null)."""
+    if records is None:
+        return []  # no image records: every annotation is image_missing
+    if not isinstance(records, list):
+        raise ManifestError(f"'images' in {name} is {_kind(records)}, not a list of image records")
+    return records
+
+
+def image_fields(record, position: int, name: str) -> tuple:
+    """A checked image record as (id, file_name, width, height), as written."""
+    if not isinstance(record, dict):
+        raise ManifestError(f"image #{position} in {name} is {_kind(record)}, not an object")
+    image_id = record.get("id")
+    if not _is_id(image_id):
+        raise ManifestError(f"image #{position} in {name} has id {image_id!r}: {ID_RULE}")
+    return image_id, record.get("file_name"), record.get("width"), record.get("height")
+
+
+def _flatten(
+    annotations: list, images: _Images | None, name: str, first: int = 0
+) -> tuple[np.ndarray, list[pa.Array]]:
+    """Each annotation's image row (its image id when `images` is None), and the annotation
+    columns, in file order; `annotations` start at position `first` of the file. Frees each parsed
     annotation as it goes."""
     rows, ids, category_ids, bboxes, iscrowd, segmentations = [], [], [], [], [], []
-    row_of = images.row_of
-    for position, annotation in enumerate(annotations):
+    row_of = images.row_of if images is not None else None
+    for index, annotation in enumerate(annotations):
+        position = first + index
         try:
             annotation_id, image_id = annotation["id"], annotation["image_id"]
         except (KeyError, TypeError, IndexError):
             raise ManifestError(_annotation_problem(annotation, position, name)) from None
         if type(image_id) is not int or type(annotation_id) is not int:
             raise ManifestError(_annotation_problem(annotation, position, name))
-        row = row_of.get(image_id)
-        rows.append(images.unrecorded(image_id, position) if row is None else row)
+        if row_of is None:
+            rows.append(image_id)
+        else:
+            row = row_of.get(image_id)
+            rows.append(images.unrecorded(image_id, position) if row is None else row)
         ids.append(annotation_id)
         category_ids.append(annotation.get("category_id"))
         bboxes.append(annotation.get("bbox"))
         iscrowd.append(annotation.get("iscrowd"))
         segmentations.append(_json_text(annotation.get("segmentation")))
-        annotations[position] = None  # free the parsed annotation (its polygons) as we go
+        annotations[index] = None  # free the parsed annotation (its polygons) as we go
     columns = [
-        _ids(ids, "annotation", "id", name),
+        _ids(ids, "annotation", "id", name, first),
         _category_ids(category_ids),
         _boxes(bboxes),
         pa.array([0 if not v else _flag(v) for v in iscrowd], pa.int64()),
@@ -263,14 +280,14 @@ def _kind(value) -> str:
     return f"{_KINDS.get(type(value), type(value).__name__)} ({str(value)[:40]!r})"
 
 
-def _ids(values: list, record: str, key: str, name: str) -> pa.Array:
-    """Integer ids as int64; one beyond 64 bits refuses the file."""
+def _ids(values: list, record: str, key: str, name: str, first: int = 0) -> pa.Array:
+    """Integer ids as int64 (the first at position `first`); one beyond 64 bits refuses the file."""
     try:
         return pa.array(values, pa.int64())
     except (OverflowError, pa.ArrowException):
         position = next(i for i, value in enumerate(values) if not _is_id(value))
         raise ManifestError(
-            f"{record} #{position} in {name} has {key} {values[position]!r}: {ID_RULE}"
+            f"{record} #{first + position} in {name} has {key} {values[position]!r}: {ID_RULE}"
         ) from None
 
 
@@ -308,27 +325,38 @@ def _box(value) -> list[float]:
 
 
 def _group_by_image(images: _Images, rows: np.ndarray, annotation_columns: list) -> pa.Table:
-    """Task rows: images in the order of `images`' rows, each image's annotations in file order,
-    split into rows of at most `annotations_per_row`; `rows` is each annotation's image row."""
-    counts = np.bincount(rows, minlength=len(images.uris))
-    order = np.argsort(rows, kind="stable")  # annotations grouped by image, in file order within one
+    """Task rows: images in the order of `images`' rows, each image's annotations in file order;
+    `rows` is each annotation's image row, the annotations the whole file's."""
+    image_columns = [  # in IMAGE_TASK's order
+        pa.array(list(images.row_of), pa.int64()),  # ids in the order rows were made
+        pa.array(images.uris, pa.string()),
+        pa.array(images.file_names, pa.string()),
+        pa.array(images.widths, pa.int64()),
+        pa.array(images.heights, pa.int64()),
+    ]
+    return task_rows(image_columns, rows, annotation_columns, np.arange(len(rows), dtype=np.int64))
+
+
+def task_rows(
+    image_columns: list, rows: np.ndarray, annotation_columns: list, positions: np.ndarray
+) -> pa.Table:
+    """IMAGE_TASK rows of images in the order of `image_columns` (image id, URI, file name, width,
+    height: one entry per image row), each image's annotations in the given order, split into rows
+    of at most `annotations_per_row`; `rows` is each annotation's image row, `positions` its
+    position in the file, `annotation_columns` those of `_flatten`."""
+    counts = np.bincount(rows, minlength=len(image_columns[0]))
+    order = np.argsort(rows, kind="stable")  # annotations grouped by image, in given order within one
     kept = np.flatnonzero(counts)  # an image without annotations has nothing to refine
     if not len(kept):
         return IMAGE_TASK.empty_table()
-    image_columns = [  # in IMAGE_TASK's order
-        pa.array(list(images.row_of), pa.int64()).take(kept),  # ids in the order rows were made
-        pa.array(images.uris, pa.string()).take(kept),
-        pa.array(images.file_names, pa.string()).take(kept),
-        pa.array(images.widths, pa.int64()).take(kept),
-        pa.array(images.heights, pa.int64()).take(kept),
-    ]
+    image_columns = [column.take(kept) for column in image_columns]
     limits = annotations_per_row(
         *(pc.fill_null(column, 0).to_numpy().astype(np.int64) for column in image_columns[-2:])
     )
     image_of_row, ends = _split(counts[kept], limits)
     if len(image_of_row) > len(kept):
         image_columns = [column.take(image_of_row) for column in image_columns]
-    annotation_columns.insert(1, pa.array(np.arange(len(rows), dtype=np.int64)))  # ann_indices
+    annotation_columns = [annotation_columns[0], pa.array(positions, pa.int64()), *annotation_columns[1:]]
     lengths = pc.binary_length(annotation_columns[-1]).to_numpy()
     text = np.cumsum(np.asarray(lengths, np.int64)[order])
     return _record_batches(image_columns, annotation_columns, order, ends, text)

@@ -21,6 +21,7 @@ COMMANDS = [
     ["evaluate"],
     ["predict"],
     ["preview"],
+    ["manifest"],
     ["jobs"],
     ["jobs", "list"],
     ["jobs", "status"],
@@ -54,8 +55,9 @@ def declared_texts(path: list[str]) -> list[str]:
     summary, each argument's and option's names and text (with default, range, env var)."""
     command, ctx = command_and_context(path)
     texts = [paragraph for paragraph in (command.help or "").split("\n\n") if paragraph.strip()]
-    for name in getattr(command, "commands", {}):
-        texts.append(command.commands[name].help.split("\n\n")[0])
+    for subcommand in getattr(command, "commands", {}).values():
+        if not subcommand.hidden:
+            texts.append(subcommand.help.split("\n\n")[0])
     for param in command.get_params(ctx):
         record = param.get_help_record(ctx)
         if record is None:  # hidden

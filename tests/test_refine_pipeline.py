@@ -475,7 +475,8 @@ def test_s3_in_and_out_without_credentials_in_logs(s3_bucket, checkpoint: Path, 
     env["RAY_AUTH_MODE"] = "disabled"
     command = [sys.executable, "-m", "hqsam.jobs.cli", "refine", f"s3://{s3_bucket}/ann/coco.json"]
     command += ["--images", f"s3://{s3_bucket}/pics", "--out", f"s3://{s3_bucket}/out", "--format", "coco"]
-    command += ["--checkpoint", str(checkpoint), "--device", "cpu", "--no-progress"]
+    # -v: Ray's own lines too (they name the session's log folder), none of which may hold the secret
+    command += ["--checkpoint", str(checkpoint), "--device", "cpu", "--no-progress", "-v"]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stdout + done.stderr
     secret = os.environ["AWS_SECRET_ACCESS_KEY"]

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from hqsam.pipeline.read_refined import ROWS_FOLDER
 from tests.conftest import ROOT, shared_fixture
 from tests.test_submit import clean_env, running_head
 
@@ -138,7 +139,7 @@ def test_address_submission_runs_on_a_head_without_hqsam(bare_head, bare_python,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "refined ok" in result.stdout and "succeeded" in result.stderr
-    assert pq.read_table(sorted(out.glob("*.parquet"))).num_rows == 12
+    assert pq.read_table(out / ROWS_FOLDER).num_rows == 12
     assert json.loads((out / "summary.json").read_text())["checkpoint_sha256"] == sha256
 
 

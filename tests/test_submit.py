@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
+from hqsam.pipeline.read_refined import ROWS_FOLDER
 from tests.conftest import ROOT, shared_fixture
 
 HEAD_START_S = 180
@@ -180,7 +181,7 @@ def test_refine_job_succeeds_with_logs_and_outputs(ray_head, tmp_path, tiny_chec
     assert "Running entrypoint for job" in result.stdout  # the job's own log, followed
     assert "refined ok" in result.stdout and "summary" in result.stdout
     assert "succeeded" in result.stderr
-    rows = pq.read_table(sorted(out.glob("*.parquet"))).num_rows
+    rows = pq.read_table(out / ROWS_FOLDER).num_rows
     assert rows == 12
     summary = json.loads((out / "summary.json").read_text())
     assert summary["annotations_written"] == 12 and summary["complete"]
