@@ -145,7 +145,9 @@ def test_a_dry_run_marks_every_row_and_real_weights_are_traced(tmp_path: Path, t
     out = tmp_path / "out"
     result = refine_cli(path, "--out", out, "--checkpoint", "random", "--format", "coco", "--overwrite")
     assert result.exit_code == 0, (result.stdout, result.stderr, result.exception)
-    assert any(line.startswith("warning:") and "meaningless" in line for line in result.stderr.splitlines())
+    assert any(
+        line.startswith("hqsam: warning:") and "meaningless" in line for line in result.stderr.splitlines()
+    )
     rows = read_parts(str(out), ["model", "status"])
     assert rows.num_rows == 4 and set(rows["model"].to_pylist()) == {"vit_tiny:random"}
     summary = summary_of(result)
