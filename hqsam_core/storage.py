@@ -14,6 +14,7 @@ import json
 import os
 import posixpath
 import re
+import shutil
 import tempfile
 import time
 import urllib.parse
@@ -161,6 +162,16 @@ def atomic_writer(uri: str) -> Iterator[IO[bytes]]:
         yield spool
         spool.flush()
         fs.put_file(spool.name, path)
+
+
+def move_file(local_path: str, uri: str) -> None:
+    """Move a local file to `uri`, local (a rename where it can) or remote (an upload)."""
+    fs, path = url_to_fs(uri)
+    if is_local(fs):
+        shutil.move(local_path, path)
+        return
+    fs.put_file(local_path, path)
+    os.remove(local_path)
 
 
 def write_json(uri: str, payload: dict) -> None:

@@ -89,10 +89,9 @@ for command in (
     train.train,
     train.export,
     evaluate.evaluate,
+    manifest.manifest,
 ):
     app.command(cls=HqsamCommand)(command)
-# Hidden until `hqsam refine` reads its output (issue 14): today a user could do nothing with it.
-app.command(cls=HqsamCommand, hidden=True)(manifest.manifest)
 app.add_typer(jobs_app, name="jobs")
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""`hqsam manifest`: a COCO instances file of any size as task-row Parquet parts, in bounded memory
-(the run: pipeline/stream_coco.py)."""
+"""`hqsam manifest`: a COCO instances file of any size as a task folder, in bounded memory (the
+run: pipeline/stream_coco.py)."""
 
 from __future__ import annotations
 
@@ -8,20 +8,27 @@ import typer
 from hqsam.jobs.options import PROGRESS_OPTION
 
 IMAGES_HELP = "Root that file_name is relative to (default: the annotation file's folder)."
+LIMIT_HELP = "Keep only the first N images that have annotations (all rows of each)."
 MIB = 2**20
 
 
 def manifest(
-    annotations: str = typer.Argument(..., help="COCO instances JSON (local, s3://, gs://)."),
-    out: str = typer.Argument(..., help="Folder for the part-NNNNN.parquet files (local, s3://, gs://)."),
+    annotations: str = typer.Argument(
+        ..., help="COCO instances JSON or Parquet manifest (local, s3://, gs://)."
+    ),
+    out: str = typer.Argument(..., help="The task folder to write: new or empty (local, s3://, gs://)."),
     images: str | None = typer.Option(None, "--images", help=IMAGES_HELP),
+    limit: int | None = typer.Option(None, "--limit", min=1, help=LIMIT_HELP),
     progress: bool = PROGRESS_OPTION,
 ) -> None:
-    """Write the task rows of `hqsam refine` (one per image, or per chunk of an image with many
-    annotations) as Parquet parts, reading the file twice as a stream.
+    """Turn an annotation file into a task folder that `hqsam refine OUT` reads.
 
-    Memory grows with the number of images, not of annotations. The parts, read in name order, hold
-    the rows `refine` makes of the same file, in the same order.
+    A task folder holds the task rows of `hqsam refine` (one per image, or per chunk of an image
+    with many annotations) as part-NNNNN.parquet files, every image's rows in one part, and
+    _hqsam_manifest.json with their counts, written last: a folder without it is incomplete.
+    The file is read as a stream, so memory grows with the number of images, not of annotations;
+    the parts, read in name order, hold the rows `hqsam refine` makes of the same file, in the
+    same order. Make one once and refine it many times (or on a cluster, from s3://).
     """
     from hqsam.hqsam_core import storage
     from hqsam.pipeline.progress import ProgressReporter
@@ -29,24 +36,27 @@ def manifest(
 
     fs, path = storage.url_to_fs(annotations)
     size = fs.size(path) if fs.exists(path) else 0
-    with ProgressReporter("manifest", total=2 * -(-size // MIB), unit="MiB", enabled=progress) as bar:
+    with ProgressReporter("manifest", total=-(-size // MIB), unit="MiB", enabled=progress) as bar:
         counter = _MibCounter(bar)
-        result = stream_coco(annotations, out, images_root=images, progress=counter)
+        result = stream_coco(annotations, out, images_root=images, progress=counter, limit=limit)
+    duplicates = result.duplicate_annotation_ids.get("ids", 0)
     typer.echo(
         f"{result.images} images, {result.annotations} annotations in {result.rows} task rows, "
-        f"{len(result.parts)} parts -> {storage.redact(out)}"
+        f"{len(result.parts)} parts"
+        + (f" ({duplicates} annotation ids repeated)" if duplicates else "")
+        + f" -> {storage.redact(out)}"
     )
 
 
 class _MibCounter:
-    """Bytes read, advanced on the reporter a whole MiB at a time."""
+    """Bytes read, advanced on the reporter a whole MiB at a time (never past its total)."""
 
     def __init__(self, bar) -> None:
         self.bar, self.bytes, self.shown = bar, 0, 0
 
     def __call__(self, count: int) -> None:
         self.bytes += count
-        whole = self.bytes // MIB
+        whole = min(self.bytes // MIB, self.bar.total or 0)
         if whole > self.shown:
             self.bar.advance(whole - self.shown)
             self.shown = whole

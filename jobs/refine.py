@@ -40,6 +40,11 @@ class BoxSource(str, enum.Enum):
     segmentation = "segmentation"
 
 
+ANNOTATIONS_HELP = (
+    "COCO instances JSON, a Parquet manifest (schemas/manifest.py), or a task folder of hqsam manifest; "
+    "local or on object storage. Streamed into task rows (OUT/_hqsam_tasks/, reused by --resume): "
+    "memory grows with images, not annotations."
+)
 IMAGES_HELP = "Root that file_name / image_uri are relative to (default: the annotation file's folder)."
 FORMAT_HELP = "parquet: OUT/rows/part-*.parquet; coco: also OUT/annotations.json."
 BOX_SOURCE_HELP = "Prompt with the annotation's bbox, or with the tight box of its segmentation."
@@ -102,7 +107,7 @@ def refine(
     ctx: typer.Context,
     annotations: str = typer.Argument(
         ...,
-        help="COCO instances JSON, or a Parquet manifest (schemas/manifest.py), local or on object storage.",
+        help=ANNOTATIONS_HELP,
     ),
     images: str | None = IMAGES_OPTION,
     out: str = OUT_OPTION,

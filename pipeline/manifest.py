@@ -9,6 +9,7 @@ Parquet file) is refused in one sentence before any work; a flaw that spoils onl
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import io
 from contextlib import contextmanager
@@ -32,6 +33,7 @@ MAX_ANNOTATIONS_PER_ROW = 256
 # ...and fewer on large images, so that one row's packed masks stay under 32 MiB (unpacked 256 MiB).
 ROW_MASK_PIXELS = 2**28
 ANNOTATIONS_PER_ROW_OF_UNKNOWN_SIZE = 64
+BOX_TYPE = pa.list_(pa.float64())
 
 
 class ManifestError(HqsamError, ValueError):
@@ -76,13 +78,14 @@ def first_images(tasks: pa.Table, count: int) -> pa.Table:
 
 def duplicate_annotation_ids(tasks: pa.Table, examples: int = 5) -> dict:
     """Annotation ids that more than one annotation carries: how many, on how many annotations,
-    and a few of them (rows are matched to annotations by position, so these are only reported)."""
+    and the smallest `examples` of them, ascending (rows are matched to annotations by position,
+    so these are only reported)."""
     counts = pc.value_counts(pc.list_flatten(tasks["ann_ids"]))
     repeated = counts.filter(pc.greater(counts.field("counts"), 1))
     return {
         "ids": len(repeated),
         "annotations": pc.sum(repeated.field("counts")).as_py() or 0,
-        "examples": repeated.field("values")[:examples].to_pylist(),
+        "examples": np.sort(repeated.field("values").to_numpy())[:examples].tolist(),
     }
 
 
@@ -150,7 +153,7 @@ def _tasks_from_coco(data: bytes, root: str, name: str) -> pa.Table:
     # walk them all again and again while they are built (about half of the parse time). JSON
     # data has no cycles, so pause it; annotations are then flattened in one pass and grouped
     # by image with Arrow, not with per-image Python lists.
-    with _gc_paused():
+    with gc_paused():
         try:
             coco = storage.parse_json(data)
         except (ValueError, RecursionError) as error:  # RecursionError: nested deeper than JSON readers go
@@ -164,7 +167,7 @@ def _tasks_from_coco(data: bytes, root: str, name: str) -> pa.Table:
 
 
 @contextmanager
-def _gc_paused():
+def gc_paused():
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -217,6 +220,8 @@ def _flatten(
         if type(image_id) is not int or type(annotation_id) is not int:
             raise ManifestError(_annotation_problem(annotation, position, name))
         if row_of is None:
+            if not INT64_MIN <= image_id <= INT64_MAX:  # what images.unrecorded refuses
+                raise ManifestError(f"annotation #{position} in {name} has image_id {image_id!r}: {ID_RULE}")
             rows.append(image_id)
         else:
             row = row_of.get(image_id)
@@ -292,10 +297,12 @@ def _ids(values: list, record: str, key: str, name: str, first: int = 0) -> pa.A
 
 
 def _category_ids(values: list) -> pa.Array:
-    try:
-        return pa.array(values, pa.int64())
-    except (OverflowError, pa.ArrowException):  # not part of an annotation's identity: null
-        return pa.array([v if _is_id(v) else None for v in values], pa.int64())
+    """Whole numbers within 64 bits; anything else (2.5, "1", true) is null, as it is not part of
+    an annotation's identity. Decided per value: Arrow alone would cut 2.5 to 2 in some lists."""
+    if set(map(type, values)) <= {int, type(None)}:
+        with contextlib.suppress(OverflowError, pa.ArrowException):
+            return pa.array(values, pa.int64())
+    return pa.array([v if _is_id(v) else None for v in values], pa.int64())
 
 
 def _flag(value) -> int:
@@ -304,15 +311,18 @@ def _flag(value) -> int:
 
 
 def _boxes(values: list) -> pa.Array:
-    """`_box` of every value as a list<double> array; one numpy conversion when all are 4 numbers."""
-    try:
-        array = np.array(values)
-    except (ValueError, TypeError, OverflowError):
-        array = None
-    if array is not None and array.ndim == 2 and array.shape[1] == 4 and array.dtype.kind in "iuf":
-        flat = pa.array(array.astype(np.float64).reshape(-1))
-        return pa.ListArray.from_arrays(pa.array(np.arange(0, len(flat) + 1, 4), pa.int32()), flat)
-    return pa.array([_box(value) for value in values], pa.list_(pa.float64()))
+    """`_box` of every value as a list<double> array; one Arrow conversion when all are 4 numbers
+    (Arrow refuses text, and integers a double cannot hold exactly: those go one by one)."""
+    with contextlib.suppress(pa.ArrowException, OverflowError, TypeError):
+        boxes = pa.array(values, BOX_TYPE)
+        lengths = pc.list_value_length(boxes)
+        if (
+            not boxes.null_count
+            and not boxes.values.null_count
+            and pc.all(pc.equal(lengths, 4)).as_py() is not False
+        ):
+            return boxes
+    return pa.array([_box(value) for value in values], BOX_TYPE)
 
 
 def _box(value) -> list[float]:
@@ -408,23 +418,33 @@ def _tasks_from_parquet(data: bytes, root: str, name: str) -> pa.Table:
         raise ManifestError(
             f"{name} starts like Parquet but is no readable Parquet file ({one_line(error)})"
         ) from None
-    missing = {"image_id", "image_uri", "annotations"} - set(table.column_names)
+    check_parquet_columns(table.column_names, name)
+    images = _Images(root, name)
+    image_rows = parquet_image_rows(table, images, name)
+    return _group_by_image(images, *parquet_annotations(table["annotations"], image_rows, name))
+
+
+def check_parquet_columns(names: list[str], name: str) -> None:
+    missing = {"image_id", "image_uri", "annotations"} - set(names)
     if missing:
         raise ManifestError(f"{name} is not an hqsam Parquet manifest: columns {sorted(missing)} are missing")
-    images, image_rows = _parquet_images(table, root, name)
-    annotations = table["annotations"]
+
+
+def parquet_annotations(annotations, image_rows: np.ndarray, name: str) -> tuple[np.ndarray, list]:
+    """The image row of each annotation in the `annotations` column (image_rows: of each manifest
+    row) and the annotation columns of `_flatten`, in order."""
     if not pa.types.is_list(annotations.type) and not pa.types.is_large_list(annotations.type):
         raise _column_error(name, "annotations", annotations.type, "a list of annotation structs")
     values = pc.list_flatten(annotations)  # null lists hold no annotations
     if not pa.types.is_struct(values.type):
         raise _column_error(name, "annotations", annotations.type, "a list of annotation structs")
     rows = image_rows[pc.list_parent_indices(annotations).to_numpy()]
-    return _group_by_image(images, rows, _parquet_annotation_columns(values, name))
+    return rows, _parquet_annotation_columns(values, name)
 
 
-def _parquet_images(table: pa.Table, root: str, name: str) -> tuple[_Images, np.ndarray]:
-    """The image records, and the image row of each manifest row: rows that repeat an image id
-    are one image, as in a COCO file."""
+def parquet_image_rows(table: pa.Table, images: _Images, name: str) -> np.ndarray:
+    """The image row of each manifest row, its record added to `images`: rows that repeat an
+    image id are one image, as in a COCO file."""
     image_ids = _integer_column(table["image_id"], "image_id", name)
     if image_ids.null_count:
         row = pc.index(pc.is_null(image_ids), True).as_py()
@@ -435,12 +455,11 @@ def _parquet_images(table: pa.Table, root: str, name: str) -> tuple[_Images, np.
     ):
         raise _column_error(name, "image_uri", uris.type, "text")
     sizes = [_size_column(table, key, name) for key in ("width", "height")]
-    images = _Images(root, name)
     rows = [
         images.add(image_id, uri, width, height)
         for image_id, uri, width, height in zip(image_ids.to_pylist(), uris.to_pylist(), *sizes)
     ]
-    return images, np.asarray(rows, np.int64)
+    return np.asarray(rows, np.int64)
 
 
 def _size_column(table: pa.Table, key: str, name: str) -> list:

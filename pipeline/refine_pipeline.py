@@ -6,18 +6,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import pyarrow as pa
-
 from hqsam.pipeline.decode_images import DecodeImages
 from hqsam.pipeline.encode_masks import EncodeMasks
 from hqsam.pipeline.read_images import ReadImages
 from hqsam.pipeline.refine_masks import RefineMasks
 from hqsam.pipeline.stage import Stage, apply_ray
 from hqsam.pipeline.write_parquet import WriteParquetParts
-
-# ray.data.from_arrow puts each block from the driver and runs one metadata task per block: past a
-# few thousand blocks that start-up dominates (COCO train in 8-image blocks: ~14,700 of each).
-MAX_SOURCE_BLOCKS = 2000
 
 
 @dataclass(frozen=True)
@@ -58,15 +52,7 @@ def refine_stages(out: str, settings: RefineSettings) -> list[Stage]:
     ]
 
 
-def source_blocks(tasks: pa.Table, batch_size: int) -> list[pa.Table]:
-    """Small blocks (a few refine batches each) so work spreads over the actors, at most MAX_SOURCE_BLOCKS."""
-    block_rows = max(batch_size, 8, -(-tasks.num_rows // MAX_SOURCE_BLOCKS))
-    return [tasks.slice(start, block_rows) for start in range(0, tasks.num_rows, block_rows)] or [tasks]
-
-
-def build_refine_dataset(tasks: pa.Table, out: str, settings: RefineSettings):
-    """A lazy Ray dataset whose rows are (image_id, statuses) for each task row written to `out`."""
-    import ray
-
-    source = ray.data.from_arrow(source_blocks(tasks, settings.batch_size))
+def build_refine_dataset(source, out: str, settings: RefineSettings):
+    """A lazy Ray dataset whose rows are (image_id, statuses) for each task row of the Ray dataset
+    `source` (pipeline/task_source.py) written to `out`."""
     return apply_ray(source, refine_stages(out, settings), keep_going=True)

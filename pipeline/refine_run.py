@@ -7,11 +7,10 @@ import contextlib
 import dataclasses
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-
-import pyarrow as pa
 
 from hqsam.hqsam_core import storage
 from hqsam.hqsam_core.build import check_checkpoint
@@ -19,18 +18,15 @@ from hqsam.hqsam_core.errors import HqsamError
 from hqsam.hqsam_core.random_weights import is_random_weights
 from hqsam.hqsam_core.zoo import fetch_checkpoint
 from hqsam.pipeline.cluster import GPU_WAIT_S, init_ray, on_cluster, wait_for_gpus
-from hqsam.pipeline.manifest import (
-    annotation_count,
-    first_images,
-    image_count,
-    read_manifest,
-)
 from hqsam.pipeline.out_folder import check_out, prepare_out
 from hqsam.pipeline.out_lease import STALE_AFTER_S, out_lease, refuse_if_leased
-from hqsam.pipeline.read_refined import not_yet_written
+from hqsam.pipeline.out_tally import OutTally, tally_out
+from hqsam.pipeline.read_refined import part_files
 from hqsam.pipeline.refine_pipeline import RefineSettings, build_refine_dataset
 from hqsam.pipeline.refine_summary import account
 from hqsam.pipeline.run_identity import check_same_job, record_identity, run_identity, weights_label
+from hqsam.pipeline.stream_coco import StreamedManifest
+from hqsam.pipeline.task_source import check_input, discard_published, publish, read_tasks, task_dataset
 from hqsam.pipeline.write_coco import write_coco
 from hqsam.pipeline.write_leftovers import write_leftovers
 
@@ -63,39 +59,43 @@ def run_refine(config: RefineConfig, *, progress: bool = True) -> dict:
     be checked is checked before anything is created in OUT; the run then holds OUT's lease to its end."""
     started = time.time()
     config = with_absolute_paths(config)
-    tasks, identity = check_job(config)
-    # Computed once, from the hash of the identity: every row's `model` traces the weights.
-    config = dataclasses.replace(
-        config, settings=dataclasses.replace(config.settings, model_label=weights_label(identity))
-    )
-    with out_lease(config.out, stale_after_s=config.lease_timeout_s):
-        claim_out(config, identity)
-        return refine_into_out(config, tasks, identity, started, progress)
+    with tempfile.TemporaryDirectory(prefix="hqsam-tasks-") as staging:
+        tasks, identity = check_job(config, staging, progress)
+        # Computed once, from the hash of the identity: every row's `model` traces the weights.
+        config = dataclasses.replace(
+            config, settings=dataclasses.replace(config.settings, model_label=weights_label(identity))
+        )
+        with out_lease(config.out, stale_after_s=config.lease_timeout_s):
+            claim_out(config, identity)
+            tasks = publish(tasks, staging, config.out)
+            return refine_into_out(config, tasks, identity, started, progress)
 
 
-def check_job(config: RefineConfig) -> tuple[pa.Table, dict]:
+def check_job(config: RefineConfig, staging: str, progress: bool = False) -> tuple[StreamedManifest, dict]:
     """What can fail before OUT is touched, cheapest first: the output format, another run in OUT,
-    the OUT policy, the annotation file, the weights, on --resume that OUT holds this same job, and
-    the GPUs --device cuda needs. Returns the task rows and the run's identity
-    (pipeline/run_identity.py)."""
+    the OUT policy, the weights, on --resume that OUT holds this same job, the annotation file (read
+    as a stream into a task folder in `staging`, pipeline/task_source.py) and the GPUs --device cuda
+    needs. Returns the task folder and the run's identity (pipeline/run_identity.py)."""
     settings = config.settings
     refuse_meaningless_coco(settings.checkpoint, config.format, config.overwrite)
     refuse_if_leased(config.out)
     check_out(config.out, resume=config.resume, overwrite=config.overwrite)
-    if config.format == "coco" and is_parquet(config.annotations):
+    if config.format == "coco" and not is_coco_file(config.annotations):
         raise RefineRefusedError(
             f"--format coco writes the input COCO file with refined masks, and "
-            f"{storage.redact(config.annotations)} is a Parquet manifest; use --format parquet"
+            f"{storage.redact(config.annotations)} is a Parquet manifest or task folder; use --format parquet"
         )
-    tasks = read_manifest(config.annotations, config.images).tasks
-    if config.limit is not None:
-        tasks = first_images(tasks, config.limit)
+    check_input(config.annotations)
     random = is_random_weights(settings.checkpoint)
     checkpoint_path = None if random else fetch_checkpoint(settings.checkpoint)
     check_checkpoint(settings.variant, settings.checkpoint, settings.hq_head)  # before any actor starts
     identity = run_identity(config.annotations, config.images, settings, checkpoint_path)
     if config.resume:
         check_same_job(config.out, identity)
+    reuse_from = config.out if config.resume else None
+    tasks = read_tasks(
+        config.annotations, config.images, config.limit, staging, reuse_from=reuse_from, progress=progress
+    )
     check_gpus(settings, config.gpu_wait_s)
     return tasks, identity
 
@@ -110,13 +110,15 @@ def refuse_meaningless_coco(checkpoint: str, format: str, overwrite: bool) -> No
         )
 
 
-def is_parquet(uri: str) -> bool:
-    """Whether the file at `uri` starts as a Parquet file does; False when there is no file (the
-    manifest reader says so)."""
+def is_coco_file(uri: str) -> bool:
+    """Whether `uri` is a file that does not start as a Parquet file does (a task folder is no
+    file); True when there is no file (the manifest reader says so)."""
     fs, path = storage.url_to_fs(uri)
     try:
-        return fs.cat_file(path, start=0, end=4) == b"PAR1"
+        return fs.cat_file(path, start=0, end=4) != b"PAR1"
     except FileNotFoundError:
+        return True
+    except IsADirectoryError:
         return False
 
 
@@ -141,32 +143,37 @@ def claim_out(config: RefineConfig, identity: dict) -> None:
 
 
 def refine_into_out(
-    config: RefineConfig, tasks: pa.Table, identity: dict, started: float, progress: bool
+    config: RefineConfig, tasks: StreamedManifest, identity: dict, started: float, progress: bool
 ) -> dict:
-    """Refine the tasks OUT has no rows of yet, write the COCO file if asked, and account for every
-    annotation of `tasks`."""
+    """Refine the task rows OUT has no rows of yet, write the COCO file if asked, and account for
+    every annotation of `tasks`, counted by Ray workers (pipeline/out_tally.py)."""
     settings = config.settings
-    remaining = not_yet_written(tasks, config.out)
+    init_ray()
+    before, written = OutTally.nothing_written(tasks), None
+    if config.resume and part_files(config.out):
+        before, written = tally_out(tasks, config.out)
     log.info(
         "%d images to refine, %d already in %s",
-        image_count(remaining),
-        image_count(tasks) - image_count(remaining),
+        before.unwritten_images,
+        tasks.images - before.unwritten_images,
         storage.redact(config.out),
     )
-    if remaining.num_rows:
-        init_ray()
+    if before.unwritten_rows:
         with requested_resources(settings):
             crash = None
             try:
-                dataset = build_refine_dataset(remaining, config.out, settings)
-                _consume(dataset, annotation_count(remaining), progress)
+                dataset = build_refine_dataset(task_dataset(tasks, written), config.out, settings)
+                _consume(dataset, before.unwritten_annotations, progress)
             except Exception as error:  # a failed run still ends with one row per annotation
                 crash = error
-            write_leftovers(remaining, config.out, settings, crash)
+            write_leftovers(tasks, config.out, settings, crash)
     if config.format == "coco":
         write_coco(config.annotations, config.out, only_processed_images=config.limit is not None)
-    summary = account(config, tasks, remaining, time.time() - started, identity["checkpoint_sha256"])
+    after, _ = tally_out(tasks, config.out)
+    summary = account(config, tasks, before, after, time.time() - started, identity["checkpoint_sha256"])
     storage.write_json(storage.join(config.out, "summary.json"), summary)
+    if summary["complete"]:
+        discard_published(config.out)
     return summary
 
 

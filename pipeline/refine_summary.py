@@ -4,17 +4,13 @@ the exit code, and the summary's lines for a terminal."""
 from __future__ import annotations
 
 import dataclasses
-from collections import Counter
 from typing import TYPE_CHECKING
-
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from hqsam.hqsam_core import storage
 from hqsam.hqsam_core.version import versions
-from hqsam.pipeline.manifest import annotation_count, duplicate_annotation_ids, image_count
-from hqsam.pipeline.read_refined import ROWS_FOLDER, read_parts
+from hqsam.pipeline.out_tally import OutTally
+from hqsam.pipeline.read_refined import ROWS_FOLDER
+from hqsam.pipeline.stream_coco import StreamedManifest
 from hqsam.schemas.status import NOT_FAILURES, Status
 
 if TYPE_CHECKING:  # refine_run imports this module
@@ -23,41 +19,35 @@ if TYPE_CHECKING:  # refine_run imports this module
 URI_SETTINGS = ("checkpoint", "hq_head")  # recorded redacted: a signed URL carries its secret
 
 
-def written_rows(tasks: pa.Table, out: str) -> tuple[pa.Table, int]:
-    """OUT's rows (ann_index, status) of the annotations of `tasks`, one per annotation, and how
-    many rows beyond that one OUT holds (none unless parts were copied in from elsewhere)."""
-    rows = read_parts(out, ["ann_index", "status"])
-    rows = rows.filter(pc.is_in(rows["ann_index"], value_set=pc.list_flatten(tasks["ann_indices"])))
-    _, first = np.unique(rows["ann_index"].to_numpy(), return_index=True)
-    return rows.take(first), rows.num_rows - len(first)
-
-
 def account(
-    config: RefineConfig, tasks: pa.Table, refined: pa.Table, elapsed: float, checkpoint_sha256: str
+    config: RefineConfig,
+    tasks: StreamedManifest,
+    before: OutTally,
+    after: OutTally,
+    elapsed: float,
+    checkpoint_sha256: str,
 ) -> dict:
-    """The run's summary: every annotation of `tasks` counted from what OUT holds; `refined` are the
-    tasks this run refined, `checkpoint_sha256` the weights' hash from the run's identity ("random"
-    for random weights)."""
-    annotations_total = annotation_count(tasks)
-    written, repeated = written_rows(tasks, config.out)
-    images, images_refined = image_count(tasks), image_count(refined)
-    counts = Counter(written["status"].to_pylist())
-    failed = sum(n for status, n in counts.items() if status not in NOT_FAILURES)
+    """The run's summary: every annotation of `tasks` counted from what OUT holds at the end
+    (`after`, pipeline/out_tally.py); `before` is what it lacked at the start (what this run
+    refined), `checkpoint_sha256` the weights' hash from the run's identity ("random" for random
+    weights)."""
+    annotations_total = tasks.annotations
+    failed = sum(n for status, n in after.statuses.items() if status not in NOT_FAILURES)
     settings = config.settings
     return {
         "annotations_total": annotations_total,
-        "annotations_written": written.num_rows,
-        "annotations_ok": counts.get(Status.OK, 0),
-        "errors": {status: n for status, n in sorted(counts.items()) if status != Status.OK},
+        "annotations_written": after.written,
+        "annotations_ok": after.statuses.get(Status.OK, 0),
+        "errors": {status: n for status, n in sorted(after.statuses.items()) if status != Status.OK},
         "error_rate": failed / annotations_total if annotations_total else 0.0,
         "max_error_rate": config.max_error_rate,
-        "annotations_written_twice": repeated,
-        "duplicate_annotation_ids": duplicate_annotation_ids(tasks),
-        "images_total": images,
-        "images_resumed": images - images_refined,
+        "annotations_written_twice": after.repeated,
+        "duplicate_annotation_ids": tasks.duplicate_annotation_ids,
+        "images_total": tasks.images,
+        "images_resumed": tasks.images - before.unwritten_images,
         "wall_time_s": round(elapsed, 3),
-        "annotations_per_s": round(annotation_count(refined) / elapsed, 3) if elapsed else None,
-        "images_per_s": round(images_refined / elapsed, 3) if elapsed else None,
+        "annotations_per_s": round(before.unwritten_annotations / elapsed, 3) if elapsed else None,
+        "images_per_s": round(before.unwritten_images / elapsed, 3) if elapsed else None,
         "model": settings.model_column,
         "versions": versions(),
         "checkpoint": storage.redact(settings.checkpoint),
@@ -67,7 +57,7 @@ def account(
         "out": storage.redact(config.out),
         "settings": dataclasses.asdict(settings)
         | {key: storage.redact(getattr(settings, key)) for key in URI_SETTINGS},
-        "complete": written.num_rows == annotations_total and not repeated,
+        "complete": after.written == annotations_total and not after.repeated,
     }
 
 

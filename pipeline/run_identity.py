@@ -20,8 +20,10 @@ from hqsam.hqsam_core import storage
 from hqsam.hqsam_core.errors import HqsamError
 from hqsam.hqsam_core.random_weights import RANDOM_WEIGHTS, is_random_weights
 from hqsam.hqsam_core.zoo import fetch_checkpoint, file_sha256
+from hqsam.pipeline.manifest import ManifestError
 from hqsam.pipeline.read_refined import part_files
 from hqsam.pipeline.refine_pipeline import RefineSettings
+from hqsam.pipeline.stream_coco import TASKS_RECORD
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +73,16 @@ def weights_label(identity: dict) -> str:
 
 
 def input_fingerprint(uri: str) -> tuple[int, str]:
-    """(size, sha256 of the first and last ENDS_BYTES) of a file, local or remote."""
+    """(size, sha256 of the first and last ENDS_BYTES) of a file, local or remote; of a task folder's
+    record (pipeline/stream_coco.py) for a task folder."""
     fs, path = storage.url_to_fs(uri)
+    if fs.isdir(path):
+        uri = storage.join(uri, TASKS_RECORD)
+        fs, path = storage.url_to_fs(uri)
+        if not fs.exists(path):
+            raise ManifestError(
+                f"{storage.redact(uri)} is missing: the input folder is no finished task folder of hqsam manifest"
+            )
     size = fs.size(path)
     if size is None or size <= 2 * ENDS_BYTES:
         data = storage.read_bytes(uri)

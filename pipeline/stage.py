@@ -34,6 +34,10 @@ import numpy as np
 Row = dict[str, Any]
 
 TASK_RETRIES = 2  # tries after the first of a task whose worker died
+# CPUs a task stage asks for. Ray Data reserves each stage's minimum in upstream order: on a small
+# machine (2 cores: tasks of 1 CPU + a CPU refine actor) the sink got none until every image had been
+# read and decoded, so nothing was written, and no progress shown, until the end.
+TASK_CPUS = 0.5
 ACTOR_CALL_RETRIES = 10  # tries after the first of a call on an actor that died or is unreachable
 # Restarts of one actor: a lost node costs one, an input that kills the actor ACTOR_CALL_RETRIES + 1.
 ACTOR_RESTARTS = 4 * (ACTOR_CALL_RETRIES + 1)
@@ -44,7 +48,9 @@ class Stage:
 
     - `reads` / `adds` / `drops`: the fields it needs, the fields it adds and the fields it removes;
     - `batch_size`: None processes row by row; an int gives the stage lists of up to that many rows;
-    - `on_actor`: the stage holds state worth keeping between calls (a model): an actor pool under Ray.
+    - `on_actor`: the stage holds state worth keeping between calls (a model): an actor pool under Ray;
+    - `whole_blocks`: under Ray, each call gets one block whole instead of waiting for `batch_size`
+      rows gathered from several blocks (a sink: the driver hears of rows once they are written).
     """
 
     reads: ClassVar[tuple[str, ...]] = ()
@@ -52,6 +58,7 @@ class Stage:
     drops: ClassVar[tuple[str, ...]] = ()
     batch_size: int | None = None
     on_actor: bool = False
+    whole_blocks: bool = False
 
     def setup(self) -> None:
         """Build heavy state; called once before the first `process`, where the stage runs."""
@@ -111,10 +118,9 @@ def _append(dataset, stage: Stage, **options):
             batch_format="numpy",
             **options,
         )
-    if stage.batch_size:
-        return dataset.map_batches(
-            _batch_task(stage), batch_size=stage.batch_size, batch_format="numpy", **options
-        )
+    if stage.batch_size or stage.whole_blocks:
+        batch_size = None if stage.whole_blocks else stage.batch_size
+        return dataset.map_batches(_batch_task(stage), batch_size=batch_size, batch_format="numpy", **options)
     return dataset.flat_map(_row_task(stage), **options)
 
 
@@ -131,11 +137,19 @@ def _retry_bounds_allowed() -> Iterator[None]:
         yield
 
 
-def retry_options(stage: Stage) -> dict[str, int]:
-    """Ray options bounding the retries of the stage's tasks, or its actors' restarts and calls."""
-    if stage.on_actor:
+def retry_options(stage: Stage | None) -> dict[str, Any]:
+    """Ray options bounding the retries of the stage's tasks, or its actors' restarts and calls (of
+    a plain task without a stage: `map_tasks`); tasks also get their TASK_CPUS."""
+    if stage is not None and stage.on_actor:
         return {"max_restarts": ACTOR_RESTARTS, "max_task_retries": ACTOR_CALL_RETRIES}
-    return {"max_retries": TASK_RETRIES}
+    return {"max_retries": TASK_RETRIES, "num_cpus": TASK_CPUS}
+
+
+def map_tasks(dataset, fn: Callable, **options):
+    """`dataset.map_batches(fn, **options)` as Ray tasks with the task stages' retries and CPUs (so
+    that Ray Data fuses it with the task stages that follow)."""
+    with _retry_bounds_allowed():
+        return dataset.map_batches(fn, **(retry_options(None) | options))
 
 
 class _BatchOnActor:

@@ -1,16 +1,29 @@
-"""Sink: the input COCO file with refined segmentations, streamed out annotation by annotation."""
+"""Sink: the input COCO file with refined segmentations, streamed out annotation by annotation.
+
+Memory does not grow with the file: the input is walked with pipeline/json_walk.py (orjson parses
+it, so values read exactly as in the file parsed whole), its top-level keys in file order,
+`images` and `annotations` a window of items at a time and the other (small) values whole, while
+OUT's rows come merged from its parts in input order (pipeline/sorted_rows.py). A file orjson
+cannot read but Python's json can (NaN, Infinity, integers beyond 64 bits) or a top-level key
+written twice (a parsed dict keeps the last) is read whole instead, as before streaming.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+from collections.abc import Iterator
 from typing import IO
 
+import numpy as np
 import orjson
 
 from hqsam.hqsam_core import storage
 from hqsam.hqsam_core.errors import HqsamError, one_line
-from hqsam.pipeline.read_refined import read_parts
+from hqsam.pipeline import json_walk
+from hqsam.pipeline.read_refined import part_files
+from hqsam.pipeline.sorted_rows import image_ids, rows_by_position
 from hqsam.schemas.status import Status
 
 log = logging.getLogger(__name__)
@@ -28,10 +41,20 @@ RESULT_COLUMNS = [
     "error",
     "model",
 ]
+STREAMED = ("images", "annotations")  # the top-level lists written item by item
+READ_BLOCK = 2**20
 
 
 class OutputMismatchError(HqsamError):
     """OUT's rows were not refined from this annotation file."""
+
+
+class AnnotationFileError(HqsamError):
+    """The annotation file is not valid JSON."""
+
+
+class _Whole(Exception):
+    """Streaming cannot give what the file parsed whole gives: write it from the whole file."""
 
 
 def write_coco(annotations_uri: str, out: str, *, only_processed_images: bool = False) -> str:
@@ -41,62 +64,178 @@ def write_coco(annotations_uri: str, out: str, *, only_processed_images: bool = 
     object; failed ones keep their original segmentation. Unknown fields are kept. A row goes to
     the annotation at its position in the file (ids may repeat), which must be on the row's image.
     """
-    results = read_parts(out, RESULT_COLUMNS).to_pydict()
-    coco = storage.read_json(annotations_uri)
-    _check_positions(results, coco.get("annotations") or [], annotations_uri)
-    processed = set(results["image_id"]) if only_processed_images else None
+    parts = part_files(out)
+    processed = image_ids(parts) if only_processed_images else None
+    name = storage.redact(annotations_uri)
     uri = f"{out.rstrip('/')}/annotations.json"
     with storage.atomic_writer(uri) as handle:
-        _write(handle, coco, results, processed)
+        try:
+            _write_streamed(handle, annotations_uri, parts, processed, name)
+        except _Whole:
+            handle.seek(0)
+            handle.truncate()
+            _write(handle, storage.read_json(annotations_uri), _rows(parts), processed, name)
     return uri
 
 
-def _write(handle: IO[bytes], coco: dict, results: dict, processed: set | None) -> None:
-    """`coco` as JSON with the results applied; only the `processed` images when given."""
-    row_at = {position: i for i, position in enumerate(results["ann_index"])}
-    handle.write(b"{")
+def _write_streamed(handle: IO[bytes], uri: str, parts: list[str], processed, name: str) -> None:
+    try:
+        _write_document(handle, _streamed_members(uri), _rows(parts), processed, name)
+    except json_walk.NotOrjson:
+        raise _Whole from None
+    except json_walk.BrokenJson as error:
+        raise AnnotationFileError(f"{name} is not valid JSON ({error})") from None
+
+
+def _rows(parts: list[str]) -> Iterator[dict]:
+    return rows_by_position(parts, RESULT_COLUMNS)
+
+
+def _write(handle: IO[bytes], coco: dict, rows: Iterator[dict], processed, name: str = "") -> None:
+    """`coco`, parsed whole, as JSON with the `rows` (in position order) applied."""
+    _write_document(handle, _whole_members(coco, processed), rows, processed, name)
+
+
+def _whole_members(coco: dict, processed) -> Iterator[tuple[str, object, Iterator | None]]:
     for key, value in coco.items():
         if key == "annotations":
-            continue
-        if key == "images" and processed is not None:
-            value = [image for image in value if image.get("id") in processed]
-        handle.write(orjson.dumps(key) + b":" + _dumps(value, key) + b",")
-    handle.write(b'"annotations":[')
+            yield key, None, iter(value or [])
+        elif key == "images" and processed is not None:
+            yield key, None, iter(value)
+        else:
+            yield key, value, None
+
+
+def _streamed_members(uri: str) -> Iterator[tuple[str, object, Iterator | None]]:
+    """(key, value, None) per top-level member of the file, in file order; (key, None, items) for
+    the lists in STREAMED, whose items must be read before the next member is asked for."""
+    fs, path = storage.url_to_fs(uri)
+    seen = set()
+    with fs.open(path, "rb", block_size=READ_BLOCK) as handle:
+        pieces = json_walk.walk(handle)
+        for piece in pieces:
+            if piece.key is None or piece.key in seen:
+                raise _Whole  # a root array, or a key written twice: what the whole file gives
+            seen.add(piece.key)
+            if piece.kind == "value":
+                if piece.key in STREAMED:
+                    raise _Whole  # null or an object: what the whole file gives for it
+                yield piece.key, piece.value, None
+            elif piece.key in STREAMED:
+                yield piece.key, None, _array_items(pieces)
+            else:
+                yield piece.key, list(_array_items(pieces)), None
+
+
+def _array_items(pieces: Iterator[json_walk.Piece]) -> Iterator:
+    """The items of the array just opened in `pieces`, up to its close."""
+    for piece in pieces:
+        if piece.kind == "close":
+            return
+        yield from piece.value
+
+
+def _write_document(handle: IO[bytes], members, rows: Iterator[dict], processed, name: str) -> None:
+    """The members as one JSON object, the rows applied to `annotations` (`[]` when absent)."""
+    results = _Results(rows, name)
+    handle.write(b"{")
+    separator = b""
+    annotations_written = False
+    for key, value, items in members:
+        handle.write(separator + orjson.dumps(key) + b":")
+        separator = b","
+        if key == "annotations":
+            _write_annotations(handle, items, results, processed)
+            annotations_written = True
+        elif items is not None:
+            _write_images(handle, items, processed)
+        else:
+            handle.write(_dumps(value, key))
+    if not annotations_written:
+        handle.write(separator + b'"annotations":')
+        _write_annotations(handle, iter(()), results, processed)
+    results.finish()
+    handle.write(b"}\n")
+
+
+def _write_annotations(handle: IO[bytes], annotations: Iterator, results: _Results, processed) -> None:
+    handle.write(b"[")
     first = True
-    for position, annotation in enumerate(coco.get("annotations") or []):
-        i = row_at.get(position)
-        if i is None and processed is not None:
+    for position, annotation in enumerate(annotations):
+        row = results.at(position, annotation)
+        if row is None and processed is not None:
             continue
-        if i is not None:
-            _apply(annotation, results, i)
+        if row is not None:
+            _apply(annotation, row)
         handle.write((b"" if first else b",\n") + _dumps_annotation(annotation, position))
         first = False
-    handle.write(b"]}\n")
+    handle.write(b"]")
 
 
-def _check_positions(results: dict, annotations: list, uri: str) -> None:
-    """Every row's position holds an annotation of the row's image, or OUT is another file's."""
-    for position, image_id in zip(results["ann_index"], results["image_id"]):
-        if position >= len(annotations) or annotations[position].get("image_id") != image_id:
-            raise OutputMismatchError(
-                f"OUT holds a row for annotation #{position} of image {image_id}, which "
-                f"{storage.redact(uri)} does not have: OUT was refined from another annotation file"
-            )
+def _write_images(handle: IO[bytes], images: Iterator, processed) -> None:
+    handle.write(b"[")
+    first = True
+    for image in images:
+        if processed is None or _has(processed, image.get("id")):
+            handle.write((b"" if first else b",") + _dumps(image, "an image record"))
+            first = False
+    handle.write(b"]")
 
 
-def _apply(annotation: dict, results: dict, i: int) -> None:
-    status = results["status"][i]
+def _has(ids: np.ndarray, value) -> bool:
+    """`value in set(ids)` as Python says it (1.0 and True are 1), on the sorted array `ids`."""
+    if not isinstance(value, int | float) or (isinstance(value, float) and not math.isfinite(value)):
+        return False
+    if value != int(value) or not -(2**63) <= int(value) < 2**63:
+        return False
+    at = int(np.searchsorted(ids, int(value)))
+    return at < len(ids) and int(ids[at]) == int(value)
+
+
+class _Results:
+    """OUT's rows in position order, handed out annotation by annotation."""
+
+    def __init__(self, rows: Iterator[dict], name: str) -> None:
+        self.rows, self.name = rows, name
+        self.next = next(rows, None)
+
+    def at(self, position: int, annotation) -> dict | None:
+        """The row of the annotation at `position`, checked to be on its image. Of two rows at one
+        position the last (in part order) wins, as the dict of positions did before streaming."""
+        found = None
+        while self.next is not None and self.next["ann_index"] <= position:
+            row = self.next
+            if row["ann_index"] != position or annotation.get("image_id") != row["image_id"]:
+                raise self._mismatch(row)
+            found = row
+            self.next = next(self.rows, None)
+        return found
+
+    def finish(self) -> None:
+        """Rows beyond the last annotation belong to another file."""
+        if self.next is not None:
+            raise self._mismatch(self.next)
+
+    def _mismatch(self, row: dict) -> OutputMismatchError:
+        return OutputMismatchError(
+            f"OUT holds a row for annotation #{row['ann_index']} of image {row['image_id']}, which "
+            f"{self.name} does not have: OUT was refined from another annotation file"
+        )
+
+
+def _apply(annotation: dict, row: dict) -> None:
+    status = row["status"]
     if status == Status.OK:
-        annotation["segmentation"] = results["segmentation"][i]
-        annotation["area"] = results["area"][i]
-        annotation["bbox"] = results["bbox"][i]
+        annotation["segmentation"] = row["segmentation"]
+        annotation["area"] = row["area"]
+        annotation["bbox"] = row["bbox"]
     annotation["hqsam"] = {
-        "score": results["score"][i],
+        "score": row["score"],
         "status": status,
-        "error": results["error"][i],
-        "iou_vs_original": results["iou_vs_original"][i],
-        "boundary_iou_vs_original": results["boundary_iou_vs_original"][i],
-        "model": results["model"][i],
+        "error": row["error"],
+        "iou_vs_original": row["iou_vs_original"],
+        "boundary_iou_vs_original": row["boundary_iou_vs_original"],
+        "model": row["model"],
     }
 
 

@@ -19,11 +19,13 @@ import pyarrow as pa
 
 from hqsam.hqsam_core.errors import one_line
 from hqsam.pipeline.encode_masks import EncodeMasks
-from hqsam.pipeline.manifest import annotation_count
-from hqsam.pipeline.read_refined import CRASHED_PART_PREFIX, not_yet_written
+from hqsam.pipeline.out_tally import tally_out
+from hqsam.pipeline.read_refined import CRASHED_PART_PREFIX
 from hqsam.pipeline.refine_masks import NO_MASKS
 from hqsam.pipeline.refine_pipeline import RefineSettings, refine_stages
 from hqsam.pipeline.stage import Row, Stage, apply_ray
+from hqsam.pipeline.stream_coco import StreamedManifest
+from hqsam.pipeline.task_source import task_dataset
 from hqsam.pipeline.write_parquet import WriteParquetParts
 from hqsam.schemas.status import Status
 
@@ -40,7 +42,7 @@ Chain = Callable[[str, RefineSettings], list[Stage]]
 
 
 def write_leftovers(
-    tasks: pa.Table,
+    tasks: StreamedManifest,
     out: str,
     settings: RefineSettings,
     crash: BaseException | None = None,
@@ -49,20 +51,31 @@ def write_leftovers(
 ) -> int:
     """After the Ray run over `tasks` (which raised `crash`, if it did): refine the task rows OUT has
     no rows of again, one per block, unless the run failed as a whole, then write a WORKER_CRASHED
-    row for every annotation still missing. Returns how many annotations were written so. `chain`
-    builds the stages of the second pass (the run's own: refine_stages)."""
+    row for every annotation still missing, in Ray tasks. Returns how many annotations were written
+    so. `chain` builds the stages of the second pass (the run's own: refine_stages)."""
+    import ray
 
-    missing = not_yet_written(tasks, out)
-    if missing.num_rows and crash is None and missing.num_rows <= RERUN_AT_MOST:
-        log.warning("%d images lost their rows to a crash; refining them again one by one", missing.num_rows)
+    tally, written = tally_out(tasks, out)
+    if tally.unwritten_rows and crash is None and tally.unwritten_rows <= RERUN_AT_MOST:
+        log.warning(
+            "%d images lost their rows to a crash; refining them again one by one", tally.unwritten_rows
+        )
+        missing = pa.concat_tables(ray.get(task_dataset(tasks, written).to_arrow_refs()))
         refine_one_by_one(missing, out, settings, chain)
-        missing = not_yet_written(missing, out)
-    if not missing.num_rows:
+        tally, written = tally_out(tasks, out)
+    if not tally.unwritten_rows:
         return 0
     error = DROPPED if crash is None else f"the Ray run failed before this row was written: {one_line(crash)}"
-    write_crashed(missing, out, settings, error)
-    count = annotation_count(missing)
-    log.warning("%d annotations of %d images written as %s", count, missing.num_rows, Status.WORKER_CRASHED)
+    crashed = task_dataset(tasks, written).map_batches(
+        write_crashed,
+        fn_kwargs={"out": out, "settings": settings, "error": error},
+        batch_format="pyarrow",
+        batch_size=settings.images_per_file,
+    )
+    count = sum(int(n) for batch in crashed.iter_batches(batch_size=None) for n in batch["annotations"])
+    log.warning(
+        "%d annotations of %d task rows written as %s", count, tally.unwritten_rows, Status.WORKER_CRASHED
+    )
     return count
 
 
@@ -83,10 +96,10 @@ def refine_one_by_one(
         log.warning("the one-by-one pass failed too: %s", one_line(error))
 
 
-def write_crashed(tasks: pa.Table, out: str, settings: RefineSettings, error: str) -> None:
+def write_crashed(tasks: pa.Table, out: str, settings: RefineSettings, error: str) -> pa.Table:
     """Write a WORKER_CRASHED row with `error` for every annotation of `tasks`, as the chain's sink
     writes a row that was not refined, into parts of their own (CRASHED_PART_PREFIX) that a resume
-    removes to refine those rows again."""
+    removes to refine those rows again. Returns how many annotations it wrote, as a one-row table."""
     rows = [_crashed(task, error) for task in tasks.to_pylist()]
     rows = EncodeMasks().process(rows)
     writer = WriteParquetParts(
@@ -94,6 +107,7 @@ def write_crashed(tasks: pa.Table, out: str, settings: RefineSettings, error: st
     )
     for start in range(0, len(rows), settings.images_per_file):
         writer.process(rows[start : start + settings.images_per_file])
+    return pa.table({"annotations": [sum(len(task["ann_ids"]) for task in rows)]})
 
 
 def _crashed(task: Row, error: str) -> Row:

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 
 from hqsam.hqsam_core import storage
 from hqsam.pipeline.read_refined import PART_PREFIX, rows_folder
+from hqsam.pipeline.sorted_rows import SORT_KEY, sorted_part_options
 from hqsam.pipeline.stage import Row, Stage
 from hqsam.schemas.refine_rows import IMAGE_ENCODED, IMAGE_WRITTEN
 from hqsam.schemas.refined import REFINED_ANNOTATION
@@ -24,7 +25,8 @@ from hqsam.schemas.status import Status
 
 
 class WriteParquetParts(Stage):
-    """Writes each batch of encoded images as OUT/rows/part-<hash>.parquet; passes on per-image statuses.
+    """Writes encoded images as OUT/rows/part-<hash>.parquet files of at most `images_per_file`
+    images (each Ray block whole: no waiting for rows of later blocks); passes on per-image statuses.
 
     `prefix` starts the part names: write_leftovers names the parts of rows it did not refine apart,
     so that a resume finds and refines them again."""
@@ -34,6 +36,7 @@ class WriteParquetParts(Stage):
     reads += ("scores", "rle_counts", "refined_bboxes", "areas", "ious", "boundary_ious")
     # The sink keeps only what progress needs; everything else is in the part file now.
     drops = tuple(name for name in IMAGE_ENCODED.names if name not in IMAGE_WRITTEN.names)
+    whole_blocks = True
 
     def __init__(self, out: str, model: str, images_per_file: int = 512, prefix: str = PART_PREFIX) -> None:
         self.folder = rows_folder(out)
@@ -42,12 +45,21 @@ class WriteParquetParts(Stage):
         self.prefix = prefix
 
     def process(self, rows: list[Row]) -> list[Row]:
+        written = []
+        for start in range(0, len(rows), self.batch_size):
+            written += self._write_part(rows[start : start + self.batch_size])
+        return written
+
+    def _write_part(self, rows: list[Row]) -> list[Row]:
         table = pa.Table.from_pylist(list(self._annotation_rows(rows)), schema=REFINED_ANNOTATION)
+        # Sorted by input position (a stable sort, cheap: task rows mostly come in order), so that
+        # write_coco merges the parts a few rows at a time.
+        table = table.sort_by(SORT_KEY)
         # Named after its rows, not at random: Ray reruns a task whose worker died, and the rerun
         # must replace a part it had already written, not add a second copy of its rows. A row is
         # named by its first annotation's position in the input: unique, even when image ids repeat.
         name = part_name([row["ann_indices"][0] for row in rows], self.prefix)
-        write_atomically(f"{self.folder}/{name}", table)
+        write_atomically(f"{self.folder}/{name}", table, sorted_by_position=True)
         return [{"image_id": row["image_id"], "statuses": list(row["statuses"])} for row in rows]
 
     def _annotation_rows(self, rows: list[Row]) -> Iterator[dict]:
@@ -90,10 +102,12 @@ def part_name(first_positions: list[int], prefix: str = PART_PREFIX) -> str:
     return f"{prefix}{digest}.parquet"
 
 
-def write_atomically(uri: str, table: pa.Table) -> None:
-    """Write a zstd Parquet file that readers see whole or not at all."""
+def write_atomically(uri: str, table: pa.Table, sorted_by_position: bool = False) -> None:
+    """Write a zstd Parquet file that readers see whole or not at all; a table sorted by
+    `ann_index` says so in the file's footer."""
     buffer = io.BytesIO()
-    pq.write_table(table, buffer, compression="zstd")
+    options = sorted_part_options(table.schema) if sorted_by_position else {}
+    pq.write_table(table, buffer, compression="zstd", **options)
     storage.write_bytes(uri, buffer.getvalue())
 
 

@@ -20,6 +20,25 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_FIXTURES = ROOT.parent / "shared" / "fixtures"
 
 
+def unwritten_tasks(tasks, out: Path):
+    """The task rows of the Arrow table `tasks` without rows in OUT yet, found as a run finds them:
+    counted against OUT (pipeline/out_tally.py), then dropped by the source's filter."""
+    import tempfile
+
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from hqsam.pipeline.out_tally import count_out
+    from hqsam.pipeline.task_source import drop_written
+
+    with tempfile.TemporaryDirectory() as folder:
+        part = str(Path(folder) / "part-00000.parquet")
+        pq.write_table(tasks, part)
+        positions = (pc.max(pc.list_flatten(tasks["ann_indices"])).as_py() or 0) + 1
+        _, written = count_out([part], str(out), positions)
+    return drop_written(tasks, written)
+
+
 def shared_fixture(name: str) -> Path:
     """Path of a fixture in ../shared/fixtures, skipping the test cleanly when absent."""
     path = SHARED_FIXTURES / name

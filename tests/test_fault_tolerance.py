@@ -381,16 +381,12 @@ def segfaulting_chain(in_task: int, on_actor: int | None = None):
 
 
 def run_segfaulting(ray_session, tasks, out: Path, settings, chain, *, keep_going: bool):
-    """The Ray run of `chain` over `tasks`, as build_refine_dataset runs the real one; the exception
+    """The Ray run of `chain` over the task folder `tasks`, as build_refine_dataset runs the real one; the exception
     it ended with, or None. Fails the test if it does not end within 10 minutes (a hang)."""
-    from hqsam.pipeline.refine_pipeline import source_blocks
     from hqsam.pipeline.stage import apply_ray
+    from hqsam.pipeline.task_source import task_dataset
 
-    dataset = apply_ray(
-        ray_session.data.from_arrow(source_blocks(tasks, settings.batch_size)),
-        chain(str(out), settings),
-        keep_going=keep_going,
-    )
+    dataset = apply_ray(task_dataset(tasks), chain(str(out), settings), keep_going=keep_going)
 
     def consume() -> BaseException | None:
         try:
@@ -428,11 +424,11 @@ def test_an_input_that_kills_its_worker_ends_as_worker_crashed_rows(
     """Two images kill their process on every try, one in a task, one on an actor: after bounded
     retries their blocks are dropped, the other images of those blocks are refined again one by one,
     and the two images' annotations are written as worker_crashed; every other row is ok."""
-    from hqsam.pipeline.manifest import read_manifest
+    from hqsam.pipeline.stream_coco import stream_coco
     from hqsam.pipeline.write_leftovers import DROPPED, write_leftovers
 
     coco = plain_dataset(tmp_path / "data", 6)
-    tasks = read_manifest(str(coco)).tasks
+    tasks = stream_coco(str(coco), str(tmp_path / "tasks"))
     out = tmp_path / "out"
     out.mkdir()
     settings = refine_settings(checkpoint)
@@ -457,11 +453,11 @@ def test_an_input_that_kills_its_worker_ends_as_worker_crashed_rows(
 def test_a_run_that_fails_still_leaves_one_row_per_annotation(ray_session, checkpoint, tmp_path):
     """Without keep_going the run ends, bounded, at the first block that killed its worker every
     time; the annotations it had not written are written as worker_crashed with its error."""
-    from hqsam.pipeline.manifest import read_manifest
+    from hqsam.pipeline.stream_coco import stream_coco
     from hqsam.pipeline.write_leftovers import write_leftovers
 
     coco = plain_dataset(tmp_path / "data", 3)
-    tasks = read_manifest(str(coco)).tasks
+    tasks = stream_coco(str(coco), str(tmp_path / "tasks"))
     out = tmp_path / "out"
     out.mkdir()
     settings = refine_settings(checkpoint)

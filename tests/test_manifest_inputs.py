@@ -26,6 +26,7 @@ from hqsam.pipeline.manifest import (
     ManifestError,
     annotation_count,
     annotations_per_row,
+    duplicate_annotation_ids,
     first_images,
     image_count,
     read_manifest,
@@ -338,6 +339,21 @@ def test_positions_follow_the_input_and_duplicate_ids_stay_apart(tmp_path: Path)
         (2, [7, 7], [0, 2]),
         (99, [8], [3]),  # no image record: image_missing downstream
     ]
+
+
+def test_duplicate_ids_are_reported_with_the_smallest_as_examples(tmp_path: Path) -> None:
+    ids = [9, 9, 3, 3, 40, 5, 5, 1, 1, 1, 7, 7, 2, 2, 6]  # repeated: 9, 3, 5, 1, 7, 2 (1 three times)
+    annotations = [annotation(ann_id, 1 + position % 2) for position, ann_id in enumerate(ids)]
+    tasks = read_manifest(str(coco_file(tmp_path / "coco.json", [image(1), image(2)], annotations))).tasks
+    assert duplicate_annotation_ids(tasks) == {"ids": 6, "annotations": 13, "examples": [1, 2, 3, 5, 7]}
+    assert duplicate_annotation_ids(tasks, examples=2)["examples"] == [1, 2]
+
+
+def test_a_category_id_that_is_no_whole_number_is_null_in_any_company(tmp_path: Path) -> None:
+    for others in ([1, None], [1, "c"]):  # Arrow alone cut 2.5 to 2 unless text came along
+        annotations = [annotation(i, 1, category_id=c) for i, c in enumerate([2.5, *others, True, 4])]
+        tasks = read_manifest(str(coco_file(tmp_path / "coco.json", [image(1)], annotations))).tasks
+        assert tasks["category_ids"].to_pylist() == [[None, 1, None, None, 4]]
 
 
 def test_parquet_rows_that_repeat_an_image_id_are_one_image(tmp_path: Path) -> None:

@@ -192,7 +192,7 @@ def test_write_coco_never_fails_on_deep_input_and_nulls_only_what_cannot_be_writ
     from hqsam.pipeline import write_coco as module
 
     with storage.atomic_writer(str(tmp_path / "out.json")) as handle:
-        module._write(handle, coco, {"ann_index": [], "image_id": []}, None)
+        module._write(handle, coco, iter(()), None)  # no rows
     written = json.loads((tmp_path / "out.json").read_text())
     assert written["info"] == {"deep": deep(DEPTH)}
     first, second = written["annotations"]

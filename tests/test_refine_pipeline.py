@@ -30,7 +30,7 @@ from typer.testing import CliRunner
 from hqsam.hqsam_core import BoxRefiner, build_hqsam, save_model
 from hqsam.hqsam_core.testing.random_weights import randomize_
 from hqsam.jobs.cli import app
-from hqsam.pipeline.refine_pipeline import MAX_SOURCE_BLOCKS, RefineSettings, source_blocks
+from hqsam.pipeline.refine_pipeline import RefineSettings
 from hqsam.pipeline.refine_run import RefineConfig, run_refine
 from hqsam.schemas.refined import REFINED_ANNOTATION
 from tests.conftest import ROOT, shared_fixture
@@ -570,14 +570,3 @@ def test_refuse_overwrite_box_source_and_limit(ray_session, checkpoint: Path, re
     assert_refined_like(rows[10], by_box.masks[0], by_box.scores[0])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["images_total"] == 1 and summary["images_resumed"] == 0
-
-
-@pytest.mark.parametrize("rows", [0, 5, 100, 50_001])
-def test_source_blocks_keep_every_row_in_order_and_bound_the_block_count(rows: int) -> None:
-    tasks = pa.table({"image_id": pa.array(range(rows), pa.int64())})
-    blocks = source_blocks(tasks, batch_size=4)
-    assert pa.concat_tables(blocks).column("image_id").to_pylist() == list(range(rows))
-    assert len(blocks) <= MAX_SOURCE_BLOCKS
-    # blocks hold whole refine batches; small datasets keep small blocks so work spreads out
-    assert all(block.num_rows >= min(8, rows) for block in blocks[:-1])
-    assert max(block.num_rows for block in blocks) == min(rows, max(8, math.ceil(rows / MAX_SOURCE_BLOCKS)))

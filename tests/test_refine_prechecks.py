@@ -15,10 +15,11 @@ import torch
 from typer.testing import CliRunner
 
 from hqsam.jobs.cli import app
-from hqsam.pipeline.manifest import read_manifest
+from hqsam.pipeline.out_tally import OutTally
 from hqsam.pipeline.refine_pipeline import RefineSettings
 from hqsam.pipeline.refine_run import RefineConfig
 from hqsam.pipeline.refine_summary import account
+from hqsam.pipeline.stream_coco import stream_coco
 from hqsam.schemas.manifest import PARQUET_MANIFEST
 from tests.conftest import ROOT
 from tests.test_out_safety import H, W, coco_of, write_local_dataset
@@ -80,12 +81,13 @@ def test_cuda_on_a_ray_without_gpus_is_refused_before_out_exists(tiny_checkpoint
 
 def test_the_summary_records_the_hash_the_run_identity_computed(tiny_checkpoint, tmp_path) -> None:
     path = write_local_dataset(tmp_path / "data")
-    tasks = read_manifest(str(path)).tasks
+    tasks = stream_coco(str(path), str(tmp_path / "tasks"))
     settings = RefineSettings(
         "vit_tiny", str(tiny_checkpoint), None, "cpu", model_label="vit_tiny:sha256=c0ffee"
     )
     config = RefineConfig(str(path), str(tmp_path / "out"), settings=settings)
-    summary = account(config, tasks, tasks, 1.0, "c0ffee" * 10 + "abcd")
+    nothing = OutTally.nothing_written(tasks)
+    summary = account(config, tasks, nothing, nothing, 1.0, "c0ffee" * 10 + "abcd")
     assert summary["checkpoint_sha256"] == "c0ffee" * 10 + "abcd"  # as given: the file is not hashed again
     assert summary["model"] == "vit_tiny:sha256=c0ffee"
     json.dumps(summary)

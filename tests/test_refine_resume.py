@@ -28,7 +28,6 @@ from hqsam.hqsam_core.testing.random_weights import randomize_
 from hqsam.jobs.cli import app
 from hqsam.pipeline.manifest import read_manifest
 from hqsam.pipeline.out_folder import OldOutputLayoutError, OutputNotEmptyError, check_out, prepare_out
-from hqsam.pipeline.read_refined import not_yet_written
 from hqsam.pipeline.refine_pipeline import RefineSettings
 from hqsam.pipeline.refine_run import (
     RefineConfig,
@@ -39,7 +38,7 @@ from hqsam.pipeline.refine_summary import exit_code, summary_lines
 from hqsam.pipeline.write_leftovers import write_crashed
 from hqsam.pipeline.write_parquet import write_atomically
 from hqsam.schemas.refined import REFINED_ANNOTATION
-from tests.conftest import ROOT, kill_session
+from tests.conftest import ROOT, kill_session, unwritten_tasks
 
 IMAGES = 10  # Ray blocks hold 8 images: parts appear after the 8th, the run ends after the 10th
 BATCH, PER_FILE = 2, 2
@@ -190,7 +189,7 @@ def test_resume_refines_the_rows_written_as_worker_crashed_again(uninterrupted, 
     lost = set(pq.read_table(first, columns=["ann_index"])["ann_index"].to_pylist())
     first.unlink()
     tasks = read_manifest(str(path)).tasks
-    missing = not_yet_written(tasks, str(out))
+    missing = unwritten_tasks(tasks, out)
     assert set(pc.list_flatten(missing["ann_indices"]).to_pylist()) == lost
     write_crashed(missing, str(out), settings, "the worker died")
     crashed = rows_by_id(out)
@@ -264,7 +263,7 @@ def test_resume_refines_only_images_without_rows_in_out(tmp_path: Path) -> None:
     tasks = pa.table(
         {"image_id": pa.array([1, 2, 3, 4], pa.int64()), "ann_indices": positions, "n": [10, 20, 30, 40]}
     )
-    assert not_yet_written(tasks, str(tmp_path / "absent")).equals(tasks)
+    assert unwritten_tasks(tasks, tmp_path / "absent").equals(tasks)
     rows = [
         {"image_id": image_id, "annotation_id": 10 * image_id + k, "ann_index": position}
         | {"status": "ok", "model": "vit_tiny"}
@@ -275,7 +274,7 @@ def test_resume_refines_only_images_without_rows_in_out(tmp_path: Path) -> None:
     (tmp_path / "rows" / ".part-y.parquet.1.tmp").write_bytes(
         b"PAR1 half a file"
     )  # a killed writer's: ignored
-    assert not_yet_written(tasks, str(tmp_path)).to_pydict() == {
+    assert unwritten_tasks(tasks, tmp_path).to_pydict() == {
         "image_id": [2, 4],
         "ann_indices": [[2], [4, 5]],
         "n": [20, 40],

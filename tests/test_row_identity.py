@@ -27,15 +27,17 @@ from hqsam.hqsam_core.testing.random_weights import randomize_
 from hqsam.hqsam_core.zoo import sha256_file
 from hqsam.jobs.cli import app
 from hqsam.pipeline.manifest import MAX_ANNOTATIONS_PER_ROW, read_manifest
-from hqsam.pipeline.read_refined import not_yet_written
+from hqsam.pipeline.out_tally import OutTally, count_out
 from hqsam.pipeline.refine_masks import RefineMasks
 from hqsam.pipeline.refine_pipeline import RefineSettings, refine_stages
 from hqsam.pipeline.refine_run import RefineConfig
 from hqsam.pipeline.refine_summary import account, summary_lines
 from hqsam.pipeline.stage import Stage, run_local
+from hqsam.pipeline.stream_coco import stream_coco
 from hqsam.pipeline.write_coco import OutputMismatchError, write_coco
 from hqsam.schemas.manifest import PARQUET_MANIFEST
 from hqsam.schemas.refined import REFINED_ANNOTATION
+from tests.conftest import unwritten_tasks
 
 W, H = 64, 48
 
@@ -164,6 +166,11 @@ def assert_refined_by_position(refined: dict, coco: dict, rows: list[dict], bare
     assert not np.array_equal(first, third)  # the two id-7 annotations of image 1 differ
 
 
+def tally(folder, out: Path) -> OutTally:
+    """What OUT holds of the task folder's annotations, as the run's tally counts it."""
+    return count_out(folder.parts, str(out), folder.positions)[0]
+
+
 def square_rle(x0: int, y0: int, x1: int, y1: int) -> dict:
     mask = np.zeros((H, W), np.uint8)
     mask[y0:y1, x0:x1] = 1
@@ -215,7 +222,9 @@ def test_write_coco_gives_each_duplicate_id_the_row_at_its_position(settings, tm
     )
 
     config = RefineConfig(str(path), str(out), settings=settings, max_error_rate=1.0)
-    summary = account(config, tasks, tasks, 1.0, sha256_file(settings.checkpoint))
+    folder = stream_coco(str(path), str(tmp_path / "tasks"))
+    fresh = OutTally.nothing_written(folder)
+    summary = account(config, folder, fresh, tally(folder, out), 1.0, sha256_file(settings.checkpoint))
     assert summary["duplicate_annotation_ids"] == {"ids": 2, "annotations": 5, "examples": [7, 8]}
     assert summary["complete"] and summary["annotations_written"] == 5
     assert summary["annotations_written_twice"] == 0
@@ -227,7 +236,7 @@ def test_write_coco_gives_each_duplicate_id_the_row_at_its_position(settings, tm
 
     # A row copied in twice (another part with the same position) is counted once, and flagged.
     pq.write_table(pa.Table.from_pylist(rows[:1], schema=REFINED_ANNOTATION), out / "rows" / "part-z.parquet")
-    again = account(config, tasks, tasks, 1.0, sha256_file(settings.checkpoint))
+    again = account(config, folder, fresh, tally(folder, out), 1.0, sha256_file(settings.checkpoint))
     assert again["annotations_written"] == 5 and again["annotations_written_twice"] == 1
     assert not again["complete"] and again["errors"] == {"image_missing": 1}
     assert any(line.startswith("written twice") for line in summary_lines(again))
@@ -373,7 +382,7 @@ def test_resume_skips_no_row_of_a_repeated_image_id_or_a_split_image(tmp_path) -
             pq.write_table(
                 pa.Table.from_pylist(rows, schema=REFINED_ANNOTATION), out / "rows" / f"part-{k}.parquet"
             )
-        remaining = not_yet_written(tasks, str(out))
+        remaining = unwritten_tasks(tasks, out)
         assert remaining.to_pylist() == [t for k, t in enumerate(tasks.to_pylist()) if k not in done_rows]
         done = {row["ann_index"] for row in written(out)} if done_rows else set()
         todo = {p for row in remaining.to_pylist() for p in row["ann_indices"]}
@@ -392,13 +401,13 @@ def test_a_killed_run_of_repeated_image_ids_and_split_images_resumes_every_row_o
     out = tmp_path / "out"
     for k in (0, 1):  # killed after writing the part of task row k
         refine_locally(tasks.slice(k, 1).to_pylist(), out, settings)
-        remaining = not_yet_written(tasks, str(out))
+        remaining = unwritten_tasks(tasks, out)
         assert remaining.to_pylist() == tasks.slice(k + 1).to_pylist()
     refine_locally(remaining.to_pylist(), out, settings)
     rows = written(out)
     assert [row["ann_index"] for row in rows] == list(range(3 + many))
     assert [row["annotation_id"] for row in rows] == [0, 1, *range(10, 10 + many), 5]
-    assert [row["status"] for row in rows].count("ok") == 4 and not_yet_written(tasks, str(out)).num_rows == 0
+    assert [row["status"] for row in rows].count("ok") == 4 and unwritten_tasks(tasks, out).num_rows == 0
     assert len(list((out / "rows").glob("part-*.parquet"))) == 3
     for got, expected in zip(rows, want):
         for key in ("image_id", "status", "segmentation", "bbox", "area", "error"):
