@@ -332,16 +332,17 @@ class BoxRefiner:
         each side, see `hqsam_core.crop_zoom`), resized to the model's input like any image, and its
         mask pasted back at the image's size. Crops are encoded in batches of at most len(images).
         """
-        boxes = _checked_boxes(images, boxes, crop_zoom)
-        options = {"hq_token_only": hq_token_only, "multimask_output": multimask_output}
-        if crop_zoom is None:
-            return self._refine_whole(images, boxes, **options)
-
-        def whole(some_images: Sequence[np.ndarray], some_boxes: list[np.ndarray]) -> Iterator[RefinedChunk]:
-            return _as_chunks(self._refine_whole(some_images, some_boxes, **options))
-
-        chunks = self._zoomed_chunks(images, boxes, crop_zoom, crop_context, whole)
-        return _gather(chunks, [len(b) for b in boxes], [image.shape[:2] for image in images], crops=True)
+        chunks = self.refine_chunks(
+            images,
+            boxes,
+            hq_token_only=hq_token_only,
+            multimask_output=multimask_output,
+            crop_zoom=crop_zoom,
+            crop_context=crop_context,
+            with_logits=True,
+        )
+        sizes = [image.shape[:2] for image in images]
+        return _gather(chunks, [len(b) for b in boxes], sizes, crops=crop_zoom is not None)
 
     def refine_chunks(
         self,
@@ -366,12 +367,6 @@ class BoxRefiner:
         if crop_zoom is None:
             return whole(images, boxes)
         return self._zoomed_chunks(images, boxes, crop_zoom, crop_context, whole)
-
-    def _refine_whole(
-        self, images: Sequence[np.ndarray], boxes: list[np.ndarray], **options
-    ) -> list[Refinement]:
-        chunks = self._whole_chunks(images, boxes, with_logits=True, **options)
-        return _gather(chunks, [len(b) for b in boxes], [image.shape[:2] for image in images])
 
     def _whole_chunks(
         self, images: Sequence[np.ndarray], boxes: list[np.ndarray], *, with_logits: bool, **options
@@ -463,13 +458,6 @@ def _pasted(
         packed_masks=pack_masks(mask),
         crops=window.as_array()[None],
     )
-
-
-def _as_chunks(refinements: list[Refinement]) -> Iterator[RefinedChunk]:
-    """Whole Refinements as one chunk each."""
-    for image, result in enumerate(refinements):
-        rows = np.arange(len(result.scores))
-        yield RefinedChunk(image, rows, result.packed_masks, result.scores, result.logits, result.crops)
 
 
 def _gather(

@@ -121,7 +121,7 @@ class _Images:
                 f"image id {image_id} has two records in {self.name} naming different files "
                 f"({self.uris[row]!r} and {uri!r})"
             )
-        self.widths[row], self.heights[row] = _size(width), _size(height)
+        self.widths[row], self.heights[row] = recorded_size(width), recorded_size(height)
         return row
 
     def unrecorded(self, image_id: int, position: int) -> int:
@@ -139,7 +139,7 @@ class _Images:
         return row
 
 
-def _size(value) -> int | None:
+def recorded_size(value) -> int | None:
     """A recorded width or height; None (unknown) unless a positive whole number."""
     if type(value) is int and 0 < value <= INT64_MAX:
         return value
@@ -162,7 +162,7 @@ def _tasks_from_coco(data: bytes, root: str, name: str) -> pa.Table:
         if not isinstance(coco, dict) or not isinstance(coco.get("annotations"), list):
             raise ManifestError(f"{name} is not a COCO instances file: it has no 'annotations' list")
         images = _coco_images(coco.pop("images", None), root, name)
-        rows, columns = _flatten(coco.pop("annotations"), images, name)
+        rows, columns = flatten_annotations(coco.pop("annotations"), images, name)
     return _group_by_image(images, rows, columns)
 
 
@@ -203,7 +203,7 @@ def image_fields(record, position: int, name: str) -> tuple:
     return image_id, record.get("file_name"), record.get("width"), record.get("height")
 
 
-def _flatten(
+def flatten_annotations(
     annotations: list, images: _Images | None, name: str, first: int = 0
 ) -> tuple[np.ndarray, list[pa.Array]]:
     """Each annotation's image row (its image id when `images` is None), and the annotation
@@ -353,7 +353,7 @@ def task_rows(
     """IMAGE_TASK rows of images in the order of `image_columns` (image id, URI, file name, width,
     height: one entry per image row), each image's annotations in the given order, split into rows
     of at most `annotations_per_row`; `rows` is each annotation's image row, `positions` its
-    position in the file, `annotation_columns` those of `_flatten`."""
+    position in the file, `annotation_columns` those of `flatten_annotations`."""
     counts = np.bincount(rows, minlength=len(image_columns[0]))
     order = np.argsort(rows, kind="stable")  # annotations grouped by image, in given order within one
     kept = np.flatnonzero(counts)  # an image without annotations has nothing to refine
@@ -432,7 +432,7 @@ def check_parquet_columns(names: list[str], name: str) -> None:
 
 def parquet_annotations(annotations, image_rows: np.ndarray, name: str) -> tuple[np.ndarray, list]:
     """The image row of each annotation in the `annotations` column (image_rows: of each manifest
-    row) and the annotation columns of `_flatten`, in order."""
+    row) and the annotation columns of `flatten_annotations`, in order."""
     if not pa.types.is_list(annotations.type) and not pa.types.is_large_list(annotations.type):
         raise _column_error(name, "annotations", annotations.type, "a list of annotation structs")
     values = pc.list_flatten(annotations)  # null lists hold no annotations
@@ -474,7 +474,7 @@ def _size_column(table: pa.Table, key: str, name: str) -> list:
 
 
 def _parquet_annotation_columns(values: pa.ChunkedArray, name: str) -> list:
-    """The annotation columns of `_flatten` from the manifest's flattened annotation structs."""
+    """The annotation columns of `flatten_annotations` from the manifest's flattened annotation structs."""
     fields = {field.name for field in values.type}
     if "id" not in fields:
         raise ManifestError(f"{name} is not an hqsam Parquet manifest: its annotations have no 'id'")

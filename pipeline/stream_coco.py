@@ -296,7 +296,7 @@ class _CocoWalk:
         return _Spiller(folder, *_spill_shape(self.size, self.index.count))
 
     def _spill(self, values: list) -> None:
-        keys, columns = manifest._flatten(values, None, self.name, self.positions)
+        keys, columns = manifest.flatten_annotations(values, None, self.name, self.positions)
         positions = np.arange(self.positions, self.positions + len(keys))
         self.spiller.add(self.index.rows_of(keys), positions, columns)
 
@@ -326,8 +326,8 @@ class _ImageRecords:
             self.names.append(
                 pa.array([f[1] if isinstance(f[1], str) and f[1] else None for f in fields], pa.string())
             )
-            self.widths.append(pa.array([manifest._size(f[2]) for f in fields], pa.int64()))
-            self.heights.append(pa.array([manifest._size(f[3]) for f in fields], pa.int64()))
+            self.widths.append(pa.array([manifest.recorded_size(f[2]) for f in fields], pa.int64()))
+            self.heights.append(pa.array([manifest.recorded_size(f[3]) for f in fields], pa.int64()))
 
     def index(self, root: str, name: str) -> _ImageIndex:
         ids = np.concatenate(self.ids) if self.ids else np.zeros(0, np.int64)

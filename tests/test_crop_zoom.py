@@ -19,7 +19,7 @@ from hqsam.hqsam_core.crop_zoom import (
     paste_masks,
     zoom_selection,
 )
-from hqsam.hqsam_core.refiner import Refinement
+from hqsam.hqsam_core.refiner import RefinedChunk, Refinement
 from tests.test_fast_attention import small_vit_hqsam
 
 BIG = (3000, 4000)  # (h, w) of a 4000x3000 image
@@ -107,19 +107,19 @@ def test_refine_plumbing_with_a_model_that_draws_its_boxes(monkeypatch) -> None:
     zoomed box must come back drawn at its original place in the full image."""
     calls = []
 
-    def fake_refine_whole(images, boxes, **options):
+    def fake_whole_chunks(images, boxes, *, with_logits, **options):
         calls.append(([image.copy() for image in images], [b.copy() for b in boxes]))
-        return [
-            Refinement.from_masks(
+        for index, (image, b) in enumerate(zip(images, boxes)):
+            result = Refinement.from_masks(
                 masks=_draw(b, image.shape[:2]),
                 logits=np.full((len(b), 256, 256), len(calls), np.float32),
                 scores=np.full(len(b), image.shape[0] * 10000 + image.shape[1], np.float32),
             )
-            for image, b in zip(images, boxes)
-        ]
+            rows = np.arange(len(b))
+            yield RefinedChunk(index, rows, result.packed_masks, result.scores, result.logits)
 
     refiner = BoxRefiner(small_vit_hqsam())
-    monkeypatch.setattr(refiner, "_refine_whole", fake_refine_whole)
+    monkeypatch.setattr(refiner, "_whole_chunks", fake_whole_chunks)
     images = [_coordinate_image(BIG), _coordinate_image((300, 400))]
     boxes = [
         np.array(
