@@ -342,7 +342,11 @@ def first_batch(spec: dict) -> dict:
         finally:
             marks["ray_init_at_s"], marks["ray_init_s"] = before - imported, time.perf_counter() - before
 
+    advance = progress.ProgressReporter.advance
+
     def stop_at_first(reporter, done=0, *, work=None, **updates):
+        if reporter.label != "refine":  # the input's reading bar
+            return advance(reporter, done, work=work, **updates)
         marks["first_batch_s"] = time.perf_counter() - imported
         marks["first_batch_rows"], marks["first_batch_images"] = done, work
         raise _FirstBatch
@@ -459,18 +463,21 @@ def generate_coco_train(path: Path, seed: int) -> None:
     subprocess.run([sys.executable, "-c", code, str(ROOT), str(path), str(seed)], check=True)
 
 
-def measure(entry: dict, repeats: int, timeout_s: int) -> dict:
-    """Median times and largest peaks over `repeats` fresh children of each kind."""
+def measure(entry: dict, repeats: int, timeout_s: int, kinds: list[str]) -> dict:
+    """Median times and largest peaks over `repeats` fresh children of each kind in `kinds`."""
     folder, runs = entry["folder"], {"first_batch": [], "coco_write": []}
     for _ in range(repeats):
         refine_out = folder / "refine_out"
         shutil.rmtree(refine_out, ignore_errors=True)
         images = str(entry["images"]) if "images" in entry else None
         spec = {"file": str(entry["file"]), "out": str(refine_out), "images": images, "timeout_s": timeout_s}
-        runs["first_batch"].append(child("first_batch", **spec) | {"load_1min_after": os.getloadavg()[0]})
+        if "first_batch" in kinds:
+            runs["first_batch"].append(child("first_batch", **spec) | {"load_1min_after": os.getloadavg()[0]})
         shutil.rmtree(refine_out, ignore_errors=True)
-        runs["coco_write"].append(child("coco_write", file=str(entry["file"]), out=str(folder / "out")))
-    first, write = runs["first_batch"], runs["coco_write"]
+        if "coco_write" in kinds:
+            runs["coco_write"].append(child("coco_write", file=str(entry["file"]), out=str(folder / "out")))
+    first = runs["first_batch"] or [{"first_batch_s": None, "peak_rss_mb": None}]
+    write = runs["coco_write"] or [{"coco_write_s": None, "peak_rss_mb": None}]
     row = {
         "name": entry["name"],
         "annotations": entry["info"]["annotations"],
@@ -478,12 +485,16 @@ def measure(entry: dict, repeats: int, timeout_s: int) -> dict:
         "file_mb": entry["info"]["file_mb"],
         "first_batch_s": median_or_none([r["first_batch_s"] for r in first]),
         "first_batch_from_start_s": median_or_none([r.get("from_start_s") for r in first]),
-        "first_batch_peak_rss_mb": max(r["peak_rss_mb"] for r in first),
-        "coco_write_s": statistics.median(r["coco_write_s"] for r in write),
-        "coco_write_peak_rss_mb": max(r["peak_rss_mb"] for r in write),
+        "first_batch_peak_rss_mb": max_or_none([r["peak_rss_mb"] for r in first]),
+        "coco_write_s": median_or_none([r["coco_write_s"] for r in write]),
+        "coco_write_peak_rss_mb": max_or_none([r["peak_rss_mb"] for r in write]),
     }
     print(f"  {row}", flush=True)
     return {**row, "file": entry["info"], "runs": runs}
+
+
+def max_or_none(values: list) -> float | None:
+    return None if None in values else max(values)
 
 
 def median_or_none(values: list) -> float | None:
@@ -504,6 +515,8 @@ def checks(rows: list[dict]) -> dict:
         size_ratio = large["annotations"] / small["annotations"]
         for kind in ("first_batch", "coco_write"):
             peak = large[f"{kind}_peak_rss_mb"]
+            if peak is None:  # not measured in this run (--kinds)
+                continue
             result[f"{kind}_rss_at_largest_le_{RSS_LIMIT_MB}_mb"] = peak <= RSS_LIMIT_MB
             result[f"{kind}_rss_within_{RSS_SPREAD_MB}_mb_of_smallest"] = (
                 peak - small[f"{kind}_peak_rss_mb"] <= RSS_SPREAD_MB
@@ -519,8 +532,8 @@ def checks(rows: list[dict]) -> dict:
                 row["first_batch_s"] or math.inf
             ) <= seconds
             result[f"coco_train_first_batch_rss_le_{megabytes}_mb"] = (
-                row["first_batch_peak_rss_mb"] <= megabytes
-            )
+                row["first_batch_peak_rss_mb"] or math.inf
+            ) <= megabytes
     return result
 
 
@@ -540,12 +553,16 @@ def print_table(rows: list[dict], verdicts: dict) -> None:
     for r in rows:
         cells = (
             r["name"], f"{r['annotations']:,}", f"{r['images']:,}", f"{r['file_mb']:.0f}",
-            seconds_or_timeout(r["first_batch_s"]), f"{r['first_batch_peak_rss_mb']:.0f}",
-            f"{r['coco_write_s']:.1f}", f"{r['coco_write_peak_rss_mb']:.0f}",
+            seconds_or_timeout(r["first_batch_s"]), number(r["first_batch_peak_rss_mb"], 0),
+            number(r["coco_write_s"], 1), number(r["coco_write_peak_rss_mb"], 0),
         )  # fmt: skip
         print(" | ".join(cells))
     for name, passed in verdicts.items():
         print(f"{'PASS' if passed else 'FAIL'}  {name}")
+
+
+def number(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def seconds_or_timeout(seconds: float | None) -> str:
@@ -563,6 +580,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--coco-train", type=Path, default=None, help="the COCO-train-size file (else generated)"
     )
     parser.add_argument("--no-coco-train", action="store_true", help="skip the COCO-train-size file")
+    parser.add_argument(
+        "--kinds",
+        nargs="+",
+        choices=["first_batch", "coco_write"],
+        default=["first_batch", "coco_write"],
+        help="which measurements to run",
+    )
     parser.add_argument("--linked-images", type=int, default=2048, help="COCO-train images given a JPEG")
     parser.add_argument(
         "--work", type=Path, default=Path("/work/data/scale"), help="generated files and OUTs"
@@ -588,7 +612,10 @@ def main(argv: list[str] | None = None) -> dict:
     entries = [(f"objects365_{n}", n) for n in args.sizes]
     if not args.no_coco_train:
         entries.append(("coco_train", None))
-    rows = [measure(prepare(name, args, n), args.repeats, args.first_batch_timeout) for name, n in entries]
+    rows = [
+        measure(prepare(name, args, n), args.repeats, args.first_batch_timeout, args.kinds)
+        for name, n in entries
+    ]
     verdicts = checks(rows)
     print_table(rows, verdicts)
     result = {

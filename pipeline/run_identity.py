@@ -20,10 +20,9 @@ from hqsam.hqsam_core import storage
 from hqsam.hqsam_core.errors import HqsamError
 from hqsam.hqsam_core.random_weights import RANDOM_WEIGHTS, is_random_weights
 from hqsam.hqsam_core.zoo import fetch_checkpoint, file_sha256
-from hqsam.pipeline.manifest import ManifestError
 from hqsam.pipeline.read_refined import part_files
 from hqsam.pipeline.refine_pipeline import RefineSettings
-from hqsam.pipeline.stream_coco import TASKS_RECORD
+from hqsam.pipeline.stream_coco import TASKS_RECORD, manifest_parts
 
 log = logging.getLogger(__name__)
 
@@ -73,16 +72,29 @@ def weights_label(identity: dict) -> str:
 
 
 def input_fingerprint(uri: str) -> tuple[int, str]:
-    """(size, sha256 of the first and last ENDS_BYTES) of a file, local or remote; of a task folder's
-    record (pipeline/stream_coco.py) for a task folder."""
+    """(size, sha256 of the first and last ENDS_BYTES) of a file, local or remote; of a task
+    folder's record (pipeline/stream_coco.py) for a task folder; for a folder of Parquet manifest
+    parts, their total size and a hash of their names and sizes and of the first and last part's
+    fingerprints (a read of each part's ends would cost two requests per part on object storage)."""
     fs, path = storage.url_to_fs(uri)
-    if fs.isdir(path):
-        uri = storage.join(uri, TASKS_RECORD)
-        fs, path = storage.url_to_fs(uri)
-        if not fs.exists(path):
-            raise ManifestError(
-                f"{storage.redact(uri)} is missing: the input folder is no finished task folder of hqsam manifest"
-            )
+    if not fs.isdir(path):
+        return _file_fingerprint(uri)
+    record = storage.join(uri, TASKS_RECORD)
+    if storage.exists(record):
+        return _file_fingerprint(record)
+    parts = manifest_parts(uri) or []
+    digest, total = hashlib.sha256(), 0
+    for part in parts:
+        size = fs.size(storage.url_to_fs(part)[1])
+        digest.update(f"{part.rsplit('/', 1)[-1]}:{size}\n".encode())
+        total += size
+    for part in dict.fromkeys([parts[0], parts[-1]]):
+        digest.update(_file_fingerprint(part)[1].encode())
+    return total, digest.hexdigest()
+
+
+def _file_fingerprint(uri: str) -> tuple[int, str]:
+    fs, path = storage.url_to_fs(uri)
     size = fs.size(path)
     if size is None or size <= 2 * ENDS_BYTES:
         data = storage.read_bytes(uri)

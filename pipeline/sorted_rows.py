@@ -1,11 +1,11 @@
-"""OUT's rows in input order, merged from its parts a batch at a time.
+"""OUT's rows in input order, merged from its parts a row group at a time.
 
 pipeline/write_parquet.py writes each part sorted by `ann_index` and says so in the Parquet footer
-(`sorting_columns`), so the parts merge like the runs of a merge sort, in Arrow, about one row
-group per part in memory. A part without that declaration (written before parts were sorted) is read whole
-and sorted; a part holds at most `images_per_file` images. An open part costs memory (its reader's
-buffers), so more than FAN_IN parts are first merged FAN_IN at a time into local sorted files,
-and those merged again, until at most FAN_IN remain.
+(`sorting_columns`), so the parts merge like the runs of a merge sort, in Arrow, with about one
+row group per part in memory. A part without that declaration (written before parts were sorted)
+is read whole and sorted; a part holds at most `images_per_file` images. An open part still costs
+memory (about 0.3 MB), so more than FAN_IN parts are first merged FAN_IN at a time into local
+sorted files, and those again, until at most FAN_IN remain.
 """
 
 from __future__ import annotations

@@ -123,6 +123,11 @@ def stream_coco(
     if not storage.exists(uri):
         raise ManifestError(f"annotation file {name} does not exist")
     _check_empty(out_dir)
+    folder = manifest_parts(uri)
+    if folder is not None:
+        with tempfile.TemporaryDirectory(prefix="hqsam-manifest-", dir=temp_dir) as spill:
+            result = _stream_parquet(folder, out_dir, root, name, progress, Path(spill), limit)
+        return _finish(result, out_dir, name, limit)
     with _open(uri) as handle:
         parquet = handle.read(4) == b"PAR1"
     result = None
@@ -132,9 +137,29 @@ def stream_coco(
             result = stream(uri, out_dir, root, name, progress, Path(spill), limit)
     if result is None:
         result = _write_whole(uri, out_dir, images_root, limit)
+    return _finish(result, out_dir, name, limit)
+
+
+def _finish(result: StreamedManifest, out_dir: str, name: str, limit: int | None) -> StreamedManifest:
+    """The record written last: the folder is complete."""
     result.source, result.limit = name, limit
     storage.write_json(storage.join(out_dir, TASKS_RECORD), result.record())
     return result
+
+
+def manifest_parts(uri: str) -> list[str] | None:
+    """The Parquet files of a Parquet manifest given as a folder of parts (read in name order, as
+    one manifest; names starting with _ or . skipped, as Parquet readers skip them); None when `uri`
+    is no folder. ManifestError for a folder without any."""
+    fs, path = storage.url_to_fs(uri)
+    if not fs.isdir(path):
+        return None
+    parts = [part for part in storage.list_files(uri, "*.parquet") if part.rsplit("/", 1)[-1][0] not in "_."]
+    if not parts:
+        raise ManifestError(
+            f"{storage.redact(uri)} is a folder without Parquet files or a task record ({TASKS_RECORD})"
+        )
+    return parts
 
 
 def _check_empty(out_dir: str) -> None:
@@ -161,30 +186,55 @@ class _ReadWhole(Exception):
 
 
 def _stream_parquet(uri, out_dir, root, name, progress, spill: Path, limit: int | None) -> StreamedManifest:
-    """A Parquet manifest (schemas/manifest.py), a batch of rows at a time: image columns first,
-    then the annotations, spilled as those of a COCO file."""
-    fs, path = storage.url_to_fs(uri)
-    with _open(uri) as handle:
-        try:
-            parquet = pq.ParquetFile(handle)
-            manifest.check_parquet_columns(parquet.schema_arrow.names, name)
-            index, image_rows = _parquet_index(parquet, root, name)
-            spiller = _Spiller(spill, *_spill_shape(fs.size(path), index.count))
-            positions = 0
-            for offset, batch in _batches(parquet, ["annotations"]):
-                rows = image_rows[offset : offset + batch.num_rows]
-                rows, columns = manifest.parquet_annotations(batch["annotations"], rows, name)
-                spiller.add(rows, np.arange(positions, positions + len(rows)), columns)
-                positions += len(rows)
-        except (ManifestError, pa.ArrowException, OSError):
+    """A Parquet manifest (schemas/manifest.py): a file, or a folder's files (a list) as one
+    manifest, a batch of rows at a time: image columns first, then the annotations, spilled as
+    those of a COCO file. A file that read_manifest refuses raises _ReadWhole, to be refused in its
+    words; a folder's refusal is raised as it is."""
+    files = uri if isinstance(uri, list) else [uri]
+    size = sum(_size(file) for file in files)
+    try:
+        parquet = _ParquetFiles(files)
+        manifest.check_parquet_columns(parquet.schema_arrow.names, name)
+        index, image_rows = _parquet_index(parquet, root, name)
+        spiller = _Spiller(spill, *_spill_shape(size, index.count))
+        positions = 0
+        for offset, batch in _batches(parquet, ["annotations"]):
+            rows = image_rows[offset : offset + batch.num_rows]
+            rows, columns = manifest.parquet_annotations(batch["annotations"], rows, name)
+            spiller.add(rows, np.arange(positions, positions + len(rows)), columns)
+            positions += len(rows)
+    except (ManifestError, pa.ArrowException, OSError) as error:
+        if not isinstance(uri, list):
             raise _ReadWhole from None
+        if isinstance(error, ManifestError):
+            raise
+        raise ManifestError(f"{name} holds a Parquet file that cannot be read ({error})") from None
     spiller.close()
     if progress is not None:
-        progress(fs.size(path))
+        progress(size)
     return _write_tasks(spiller, index, out_dir, limit, positions)
 
 
-def _parquet_index(parquet: pq.ParquetFile, root: str, name: str) -> tuple[_ImageIndex, np.ndarray]:
+def _size(uri: str) -> int:
+    fs, path = storage.url_to_fs(uri)
+    return fs.size(path)
+
+
+class _ParquetFiles:
+    """Parquet files read as one: the first file's schema, batches file after file."""
+
+    def __init__(self, uris: list[str]) -> None:
+        self.uris = uris
+        with _open(uris[0]) as handle:
+            self.schema_arrow = pq.ParquetFile(handle).schema_arrow
+
+    def iter_batches(self, batch_size: int, columns: list[str]) -> Iterator[pa.RecordBatch]:
+        for uri in self.uris:
+            with _open(uri) as handle:
+                yield from pq.ParquetFile(handle).iter_batches(batch_size=batch_size, columns=columns)
+
+
+def _parquet_index(parquet: _ParquetFiles, root: str, name: str) -> tuple[_ImageIndex, np.ndarray]:
     """The image records of a Parquet manifest, and the image row of each of its rows."""
     images = manifest._Images(root, name)
     columns = [
@@ -198,7 +248,7 @@ def _parquet_index(parquet: pq.ParquetFile, root: str, name: str) -> tuple[_Imag
     return _ImageIndex(ids, *strings, *sizes, None), image_rows
 
 
-def _batches(parquet: pq.ParquetFile, columns: list[str]) -> Iterator[tuple[int, pa.RecordBatch]]:
+def _batches(parquet: _ParquetFiles, columns: list[str]) -> Iterator[tuple[int, pa.RecordBatch]]:
     """(first row, the rows) of `columns`, PARQUET_BATCH rows at a time."""
     offset = 0
     for batch in parquet.iter_batches(batch_size=PARQUET_BATCH, columns=columns):

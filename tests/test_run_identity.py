@@ -107,3 +107,19 @@ def test_recorded_uris_carry_no_secrets(job, tmp_path) -> None:
     record_identity(str(tmp_path / "out"), identity, resume=False)
     recorded = (tmp_path / "out" / RUN_RECORD).read_text()
     assert "abcdef0123456789" not in recorded and "https://host/w.pth" in recorded
+
+
+def test_input_fingerprint_of_a_folder_of_manifest_parts(tmp_path) -> None:
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    for name in ("part-0.parquet", "part-1.parquet", "part-2.parquet"):
+        (folder / name).write_bytes(name.encode() * 10)
+    (folder / "_SUCCESS").write_bytes(b"")
+    before = input_fingerprint(str(folder))
+    assert before[0] == 3 * 140 and input_fingerprint(str(folder)) == before  # the same in any process
+    (folder / "part-1.parquet").write_bytes(b"y" * 141)  # a middle part of another size
+    assert input_fingerprint(str(folder)) != before
+    (folder / "part-1.parquet").write_bytes(b"part-1.parquet" * 10)
+    assert input_fingerprint(str(folder)) == before
+    (folder / "part-2.parquet").write_bytes(b"PART-2.parquet" * 10)  # the last part, same size
+    assert input_fingerprint(str(folder)) != before

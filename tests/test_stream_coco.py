@@ -314,6 +314,30 @@ def test_parquet_manifests_stream_into_the_same_rows_or_refusal(
     assert got.to_pylist() == want.to_pylist() and got.num_rows
 
 
+def test_a_folder_of_parquet_manifest_parts_is_one_manifest(tmp_path: Path, monkeypatch) -> None:
+    """Parts in name order are one manifest: the rows of the same table as one file (repeated
+    image ids across parts are one image; positions count on across parts)."""
+    monkeypatch.setattr(streaming, "PARQUET_BATCH", 3)
+    table = parquet_manifests()["repeated image ids"]
+    whole = tmp_path / "manifest.parquet"
+    pq.write_table(table, whole)
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    for number, start in enumerate(range(0, table.num_rows, 15)):
+        pq.write_table(table.slice(start, 15), folder / f"part-{number:03d}.parquet", row_group_size=4)
+    (folder / "_SUCCESS").write_bytes(b"")  # what Spark leaves: skipped, as Parquet readers skip it
+    (folder / "_metadata.parquet").write_bytes(b"not read")
+    got = streamed(str(folder), str(tmp_path / "out"))
+    assert got.to_pylist() == read_manifest(str(whole)).tasks.to_pylist() and got.num_rows
+    assert (
+        read_task_folder(str(tmp_path / "out")).positions
+        == pq.read_table(whole)["annotations"].combine_chunks().flatten().__len__()
+    )
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "without Parquet files" in refusal(lambda: stream_coco(str(empty), str(tmp_path / "out2")))
+
+
 def test_a_parquet_manifest_is_read_a_batch_at_a_time(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(streaming, "PARQUET_BATCH", 3)
     path = tmp_path / "manifest.parquet"

@@ -1,6 +1,6 @@
 """annotations.json written by streaming the input and merging OUT's parts by position (issue 14,
 item 3): the same JSON as the input parsed whole with the rows applied, from parts sorted or not,
-in many shuffled parts, for files yajl cannot read, on S3, in memory that does not grow with the file.
+in many shuffled parts, for files orjson cannot read, on S3, in memory that does not grow with the file.
 Expected values are computed here from the input and the rows, not by the writer's code."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pytest
 
 from hqsam.hqsam_core import storage
 from hqsam.pipeline import json_walk, sorted_rows
-from hqsam.pipeline.write_coco import OutputMismatchError, write_coco
+from hqsam.pipeline.write_coco import AnnotationFileError, OutputMismatchError, write_coco
 from hqsam.pipeline.write_parquet import WriteParquetParts, write_atomically
 from hqsam.schemas.refined import REFINED_ANNOTATION
 from hqsam.schemas.status import Status
@@ -194,7 +194,7 @@ def test_a_row_the_file_does_not_have_is_refused_and_nothing_is_written(tmp_path
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["rows"]  # no temp file left
 
 
-def test_files_yajl_cannot_read_are_written_from_the_whole_file(tmp_path) -> None:
+def test_files_orjson_cannot_read_are_written_from_the_whole_file(tmp_path) -> None:
     coco = coco_of(6, 3)
     coco["annotations"][7]["bbox"] = [math.nan, 1, 2, 3]  # late in the file: after streaming began
     coco["categories"][0]["code"] = 2**70
@@ -207,6 +207,19 @@ def test_files_yajl_cannot_read_are_written_from_the_whole_file(tmp_path) -> Non
     if expected["annotations"][7]["hqsam"]["status"] != "ok":
         expected["annotations"][7]["bbox"] = [None, 1, 2, 3]  # NaN is written as null
     assert written == expected and written["categories"][0]["code"] == 2**70
+
+
+def test_a_file_that_is_no_json_is_refused_and_nothing_is_written(tmp_path) -> None:
+    coco = coco_of(10, 3)
+    text = orjson.dumps(coco)
+    cut = text.index(b'"categories"')  # broken after its annotations were streamed out
+    path = tmp_path / "coco.json"
+    path.write_bytes(text[:cut] + b"[" + text[cut:])
+    write_parts(tmp_path / "out", shuffled_groups(rows_for(coco, range(30)), 3), sort=True)
+    with pytest.raises(AnnotationFileError) as refused:
+        write_coco(str(path), str(tmp_path / "out"))
+    assert str(refused.value).startswith(f"{path} is not valid JSON (")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["rows"]
 
 
 def test_a_top_level_key_written_twice_keeps_its_last_value(tmp_path) -> None:
