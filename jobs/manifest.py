@@ -9,12 +9,12 @@ from hqsam.jobs.options import PROGRESS_OPTION
 
 IMAGES_HELP = "Root that file_name is relative to (default: the annotation file's folder)."
 LIMIT_HELP = "Keep only the first N images that have annotations (all rows of each)."
-MIB = 2**20
 
 
 def manifest(
     annotations: str = typer.Argument(
-        ..., help="COCO instances JSON or Parquet manifest (local, s3://, gs://)."
+        ...,
+        help="COCO instances JSON, or a Parquet manifest (a file or a folder of parts); local, s3://, gs://.",
     ),
     out: str = typer.Argument(..., help="The task folder to write: new or empty (local, s3://, gs://)."),
     images: str | None = typer.Option(None, "--images", help=IMAGES_HELP),
@@ -31,14 +31,9 @@ def manifest(
     same order. Make one once and refine it many times (or on a cluster, from s3://).
     """
     from hqsam.hqsam_core import storage
-    from hqsam.pipeline.progress import ProgressReporter
-    from hqsam.pipeline.stream_coco import stream_coco
+    from hqsam.pipeline.task_source import stream_with_progress
 
-    fs, path = storage.url_to_fs(annotations)
-    size = fs.size(path) if fs.exists(path) else 0
-    with ProgressReporter("manifest", total=-(-size // MIB), unit="MiB", enabled=progress) as bar:
-        counter = _MibCounter(bar)
-        result = stream_coco(annotations, out, images_root=images, progress=counter, limit=limit)
+    result = stream_with_progress(annotations, out, images, limit, progress, label="manifest")
     duplicates = result.duplicate_annotation_ids.get("ids", 0)
     typer.echo(
         f"{result.images} images, {result.annotations} annotations in {result.rows} task rows, "
@@ -46,17 +41,3 @@ def manifest(
         + (f" ({duplicates} annotation ids repeated)" if duplicates else "")
         + f" -> {storage.redact(out)}"
     )
-
-
-class _MibCounter:
-    """Bytes read, advanced on the reporter a whole MiB at a time (never past its total)."""
-
-    def __init__(self, bar) -> None:
-        self.bar, self.bytes, self.shown = bar, 0, 0
-
-    def __call__(self, count: int) -> None:
-        self.bytes += count
-        whole = min(self.bytes // MIB, self.bar.total or 0)
-        if whole > self.shown:
-            self.bar.advance(whole - self.shown)
-            self.shown = whole

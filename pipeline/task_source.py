@@ -10,7 +10,6 @@ The driver holds the folder's record (counts, part names), never its rows.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -72,28 +71,35 @@ def read_tasks(
 
 
 def stream_with_progress(
-    annotations: str, folder: str, images: str | None, limit: int | None, enabled: bool
+    annotations: str,
+    folder: str,
+    images: str | None,
+    limit: int | None,
+    enabled: bool,
+    label: str = "reading",
 ) -> StreamedManifest:
     """`stream_coco` with a progress bar in MiB read."""
     from hqsam.pipeline.progress import ProgressReporter
 
     fs, path = storage.url_to_fs(annotations)
-    size = fs.size(path) if fs.exists(path) else 0
-    with ProgressReporter("reading", total=-(-size // MIB), unit="MiB", enabled=enabled) as bar:
-        return stream_coco(annotations, folder, images, progress=MibCounter(bar.advance), limit=limit)
+    size = 0
+    if fs.exists(path):
+        size = fs.du(path) if fs.isdir(path) else fs.size(path)
+    with ProgressReporter(label, total=-(-size // MIB), unit="MiB", enabled=enabled) as bar:
+        return stream_coco(annotations, folder, images, progress=MibCounter(bar), limit=limit)
 
 
 class MibCounter:
-    """Bytes read, passed on to `advance` a whole MiB at a time."""
+    """Bytes read, advanced on the reporter a whole MiB at a time (never past its total)."""
 
-    def __init__(self, advance: Callable[[int], None]) -> None:
-        self.advance, self.bytes, self.shown = advance, 0, 0
+    def __init__(self, bar) -> None:
+        self.bar, self.bytes, self.shown = bar, 0, 0
 
     def __call__(self, count: int) -> None:
         self.bytes += count
-        whole = self.bytes // MIB
+        whole = min(self.bytes // MIB, self.bar.total or 0)
         if whole > self.shown:
-            self.advance(whole - self.shown)
+            self.bar.advance(whole - self.shown)
             self.shown = whole
 
 
