@@ -483,6 +483,9 @@ def measure(entry: dict, repeats: int, timeout_s: int, kinds: list[str]) -> dict
         "annotations": entry["info"]["annotations"],
         "images": entry["info"]["images"],
         "file_mb": entry["info"]["file_mb"],
+        # the input streamed, Ray started and the dataset running: what issue 14's "start to first
+        # batch" (read_manifest + ray.init + dataset, 21.6 s before) measured; excludes imports
+        "pipeline_ready_s": median_or_none([ready_at(r) for r in first]),
         "first_batch_s": median_or_none([r["first_batch_s"] for r in first]),
         "first_batch_from_start_s": median_or_none([r.get("from_start_s") for r in first]),
         "first_batch_peak_rss_mb": max_or_none([r["peak_rss_mb"] for r in first]),
@@ -491,6 +494,11 @@ def measure(entry: dict, repeats: int, timeout_s: int, kinds: list[str]) -> dict
     }
     print(f"  {row}", flush=True)
     return {**row, "file": entry["info"], "runs": runs}
+
+
+def ready_at(run: dict) -> float | None:
+    """When the run logged how many images it will refine (after the stream and Ray's start)."""
+    return next((at for at, line in run.get("phases", []) if "images to refine" in line), None)
 
 
 def max_or_none(values: list) -> float | None:
@@ -521,14 +529,18 @@ def checks(rows: list[dict]) -> dict:
             result[f"{kind}_rss_within_{RSS_SPREAD_MB}_mb_of_smallest"] = (
                 peak - small[f"{kind}_peak_rss_mb"] <= RSS_SPREAD_MB
             )
-            times = large[f"{kind}_s"], small[f"{kind}_s"]
-            result[f"{kind}_time_growth_at_most_linear"] = None not in times and (
-                times[0] / times[1] <= size_ratio * GROWTH_SLACK
-            )
+            for key in (f"{kind}_s", "pipeline_ready_s") if kind == "first_batch" else (f"{kind}_s",):
+                times = large[key], small[key]
+                result[f"{key}_growth_at_most_linear"] = None not in times and (
+                    times[0] / times[1] <= size_ratio * GROWTH_SLACK
+                )
     for row in rows:
         if row["name"] == "coco_train":
             seconds, megabytes = COCO_TRAIN_LIMITS
-            result[f"coco_train_first_batch_le_{seconds:.0f}_s"] = (
+            result[f"coco_train_pipeline_ready_le_{seconds:.0f}_s"] = (
+                row["pipeline_ready_s"] or math.inf
+            ) <= seconds
+            result[f"coco_train_first_refined_rows_le_{seconds:.0f}_s"] = (
                 row["first_batch_s"] or math.inf
             ) <= seconds
             result[f"coco_train_first_batch_rss_le_{megabytes}_mb"] = (
@@ -543,6 +555,7 @@ def print_table(rows: list[dict], verdicts: dict) -> None:
         "annotations",
         "images",
         "file MB",
+        "ready s",
         "first batch s",
         "peak MB",
         "coco write s",
@@ -553,7 +566,8 @@ def print_table(rows: list[dict], verdicts: dict) -> None:
     for r in rows:
         cells = (
             r["name"], f"{r['annotations']:,}", f"{r['images']:,}", f"{r['file_mb']:.0f}",
-            seconds_or_timeout(r["first_batch_s"]), number(r["first_batch_peak_rss_mb"], 0),
+            number(r["pipeline_ready_s"], 1), seconds_or_timeout(r["first_batch_s"]),
+            number(r["first_batch_peak_rss_mb"], 0),
             number(r["coco_write_s"], 1), number(r["coco_write_peak_rss_mb"], 0),
         )  # fmt: skip
         print(" | ".join(cells))

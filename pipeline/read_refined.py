@@ -9,7 +9,6 @@ DuckDB, polars, Spark, Ray Data) reads them by pointing at that one folder: the 
 from __future__ import annotations
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from hqsam.hqsam_core import storage
@@ -45,11 +44,6 @@ def refined_parts(uri: str) -> list[str]:
     return part_files(uri) or storage.list_files(uri, PART_PATTERN)
 
 
-def read_parts(out: str, columns: list[str]) -> pa.Table:
-    """The given columns of every part file in OUT, as one table."""
-    return read_part_files(part_files(out), columns)
-
-
 def read_part_files(uris: list[str], columns: list[str]) -> pa.Table:
     """The given columns of these part files, as one table."""
     tables = []
@@ -59,12 +53,3 @@ def read_part_files(uris: list[str], columns: list[str]) -> pa.Table:
     if not tables:
         return REFINED_ANNOTATION.empty_table().select(columns)
     return pa.concat_tables(tables)
-
-
-def not_yet_written(tasks: pa.Table, out: str) -> pa.Table:
-    """The task rows without rows in OUT's part files yet. A part holds whole task rows, and a task
-    row is known by its first annotation's position in the input (image ids can repeat, an image
-    can be split into several rows)."""
-    done = read_parts(out, ["ann_index"])["ann_index"].combine_chunks()
-    first = pc.list_element(tasks["ann_indices"], 0)
-    return tasks.filter(pc.invert(pc.is_in(first, value_set=done)))

@@ -130,15 +130,17 @@ def task_dataset(tasks: StreamedManifest, written=None):
     files into one block: blocks are what spreads the work over the refine actors."""
     import ray
 
+    from hqsam.pipeline.stage import map_tasks
+
     parts = ray.data.from_items(
         [{"part": part} for part in tasks.parts], override_num_blocks=len(tasks.parts)
     )
-    return parts.map_batches(
-        read_parts, fn_kwargs={"written": written}, batch_format="pyarrow", batch_size=None
+    return map_tasks(
+        parts, read_task_parts, fn_kwargs={"written": written}, batch_format="pyarrow", batch_size=None
     )
 
 
-def read_parts(batch: pa.Table, written=None) -> pa.Table:
+def read_task_parts(batch: pa.Table, written=None) -> pa.Table:
     """The task rows of the part files named in `batch`, less the rows marked in `written`."""
     tables = []
     for uri in batch["part"].to_pylist():

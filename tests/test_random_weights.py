@@ -23,7 +23,7 @@ from hqsam.hqsam_core.checkpoint import CheckpointError
 from hqsam.hqsam_core.random_weights import RANDOM_WEIGHTS, RANDOM_WEIGHTS_SEED, randomize_
 from hqsam.hqsam_core.zoo import CheckpointSourceError, pinned, sha256_file
 from hqsam.jobs.cli import app
-from hqsam.pipeline.read_refined import read_parts
+from hqsam.pipeline.read_refined import part_files, read_part_files
 from hqsam.pipeline.refine_pipeline import RefineSettings, refine_stages
 from hqsam.pipeline.run_identity import read_identity, run_identity, weights_label
 from tests.conftest import ROOT
@@ -148,7 +148,7 @@ def test_a_dry_run_marks_every_row_and_real_weights_are_traced(tmp_path: Path, t
     assert any(
         line.startswith("hqsam: warning:") and "meaningless" in line for line in result.stderr.splitlines()
     )
-    rows = read_parts(str(out), ["model", "status"])
+    rows = read_part_files(part_files(str(out)), ["model", "status"])
     assert rows.num_rows == 4 and set(rows["model"].to_pylist()) == {"vit_tiny:random"}
     summary = summary_of(result)
     assert summary["model"] == "vit_tiny:random" and summary["checkpoint_sha256"] == "random"
@@ -167,7 +167,7 @@ def test_a_dry_run_marks_every_row_and_real_weights_are_traced(tmp_path: Path, t
     result = refine_cli(path, "--out", other, "--checkpoint", tiny_checkpoint)
     assert result.exit_code == 0, (result.stdout, result.stderr, result.exception)
     digest = sha256_file(tiny_checkpoint)
-    rows = read_parts(str(other), ["model"])
+    rows = read_part_files(part_files(str(other)), ["model"])
     assert set(rows["model"].to_pylist()) == {f"vit_tiny:sha256={digest[:12]}"}
     summary = summary_of(result)
     assert summary["model"] == f"vit_tiny:sha256={digest[:12]}"
