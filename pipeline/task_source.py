@@ -86,7 +86,10 @@ def stream_with_progress(
     if fs.exists(path):
         size = fs.du(path) if fs.isdir(path) else fs.size(path)
     with ProgressReporter(label, total=-(-size // MIB), unit="MiB", enabled=enabled) as bar:
-        return stream_coco(annotations, folder, images, progress=MibCounter(bar), limit=limit)
+        counter = MibCounter(bar)
+        tasks = stream_coco(annotations, folder, images, progress=counter, limit=limit)
+        counter.finish()  # the last part of a MiB, or a file of less than one, is read too
+        return tasks
 
 
 class MibCounter:
@@ -101,6 +104,11 @@ class MibCounter:
         if whole > self.shown:
             self.bar.advance(whole - self.shown)
             self.shown = whole
+
+    def finish(self) -> None:
+        if self.bar.total and self.bar.total > self.shown:
+            self.bar.advance(self.bar.total - self.shown)
+            self.shown = self.bar.total
 
 
 def publish(tasks: StreamedManifest, staging: str, out: str) -> StreamedManifest:

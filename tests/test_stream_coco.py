@@ -456,6 +456,14 @@ def test_the_command_writes_the_parts_and_reports(tmp_path: Path) -> None:
     assert refused.exit_code == 2 and "does not exist" in refused.output and "Traceback" not in refused.output
 
 
+def test_the_reading_bar_ends_at_its_total_for_a_file_under_one_mib(tmp_path: Path) -> None:
+    path = mixed_file(tmp_path / "coco.json")
+    assert path.stat().st_size < 2**20
+    result = CliRunner().invoke(app, ["manifest", str(path), str(tmp_path / "out"), "--progress"])
+    assert result.exit_code == 0, result.output
+    assert "manifest 1/1 MiB (100%)" in result.output, result.output
+
+
 def box_only_file(path: Path, annotations: int, images: int) -> Path:
     with path.open("w") as handle:
         handle.write('{"images": [')
