@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import logging
 import os
 import tempfile
@@ -160,12 +161,7 @@ def refine_into_out(
     )
     if before.unwritten_rows:
         with requested_resources(settings):
-            crash = None
-            try:
-                dataset = build_refine_dataset(task_dataset(tasks, written), config.out, settings)
-                _consume(dataset, before.unwritten_annotations, progress)
-            except Exception as error:  # a failed run still ends with one row per annotation
-                crash = error
+            crash = run_chain(tasks, written, config, before.unwritten_annotations, progress)
             write_leftovers(tasks, config.out, settings, crash)
     if config.format == "coco":
         write_coco(config.annotations, config.out, only_processed_images=config.limit is not None)
@@ -175,6 +171,24 @@ def refine_into_out(
     if summary["complete"]:
         discard_published(config.out)
     return summary
+
+
+def run_chain(
+    tasks: StreamedManifest, written, config: RefineConfig, annotations: int, progress: bool
+) -> Exception | None:
+    """Run the chain over the task rows not marked in `written`; the error it ended with, if any
+    (a failed run still ends with one row per annotation: write_leftovers). Nothing of the run's
+    dataset outlives this call, not even through the error's traceback: its actor pool holds the
+    refine actors' CPUs and GPUs, which the leftovers' pass needs."""
+    try:
+        dataset = build_refine_dataset(task_dataset(tasks, written), config.out, config.settings)
+        _consume(dataset, annotations, progress)
+    except Exception as error:
+        return error.with_traceback(None)
+    finally:
+        dataset = None
+        gc.collect()
+    return None
 
 
 def with_absolute_paths(config: RefineConfig) -> RefineConfig:

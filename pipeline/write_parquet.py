@@ -75,8 +75,8 @@ class WriteParquetParts(Stage):
         prompt = np.asarray(row["prompts"][k], np.float64)
         return {
             "image_id": int(row["image_id"]),
-            "image_uri": row["image_uri"],
-            "file_name": row["file_name"] or None,
+            "image_uri": _text_or_none(row["image_uri"]),
+            "file_name": _text_or_none(row["file_name"]) or None,
             "width": _int_or_none(row["width"]),
             "height": _int_or_none(row["height"]),
             "annotation_id": int(row["ann_ids"][k]),
@@ -109,6 +109,11 @@ def write_atomically(uri: str, table: pa.Table, sorted_by_position: bool = False
     options = sorted_part_options(table.schema) if sorted_by_position else {}
     pq.write_table(table, buffer, compression="zstd", **options)
     storage.write_bytes(uri, buffer.getvalue())
+
+
+def _text_or_none(value) -> str | None:
+    """Text as given; None for a missing one, which a block Ray Data kept as pandas hands over as NaN."""
+    return value if isinstance(value, str) else None
 
 
 def _int_or_none(value) -> int | None:

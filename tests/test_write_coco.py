@@ -282,3 +282,23 @@ def test_annotations_json_on_s3(s3_bucket, tmp_path) -> None:
     uri = write_coco(annotations, f"s3://{s3_bucket}/out", only_processed_images=True)
     assert uri == f"s3://{s3_bucket}/out/annotations.json"
     assert json.loads(storage.read_bytes(uri)) == expected_of(coco, groups, only_processed=True)
+
+
+def test_the_sink_writes_a_missing_text_that_arrives_as_nan_as_null(tmp_path) -> None:
+    """A whole Ray block kept as pandas hands a missing file name or URI over as NaN, not None: the
+    sink wrote nothing for it (ArrowTypeError), and the run then hung refining its rows again."""
+    count = 2
+    row = {"image_id": 5, "image_uri": math.nan, "file_name": np.float64("nan"), "height": math.nan}
+    row |= {
+        "width": math.nan, "ann_ids": [1, 2], "ann_indices": [0, 1], "category_ids": [1] * count,
+        "iscrowd": [0] * count, "prompts": np.full((count, 4), np.nan),
+        "statuses": [Status.IMAGE_MISSING] * count, "errors": ["no image record"] * count,
+        "scores": [math.nan] * count, "rle_counts": [""] * count,
+        "refined_bboxes": np.zeros((count, 4)), "areas": [-1] * count,
+        "ious": [math.nan] * count, "boundary_ious": [math.nan] * count,
+    }  # fmt: skip
+    WriteParquetParts(str(tmp_path), "vit_tiny").process([row])
+    (part,) = (tmp_path / "rows").iterdir()
+    table = pq.read_table(part)
+    assert table["image_uri"].to_pylist() == [None, None] and table["file_name"].to_pylist() == [None, None]
+    assert table["status"].to_pylist() == ["image_missing"] * 2
