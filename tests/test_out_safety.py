@@ -287,7 +287,12 @@ def test_s3_resume_in_a_process_that_listed_out_before_the_workers_wrote(s3_buck
     refined = json.loads(storage.read_bytes(f"{out}/annotations.json"))
     assert [a["hqsam"]["status"] for a in refined["annotations"]] == ["ok"] * 6
 
-    # item 8: a resume must be the same job, whatever the throughput knobs.
+    # item 8: a resume must be the same job, whatever the throughput knobs. Its count of OUT runs in
+    # a Ray worker, which reads OUT on S3: a Ray this test process started before the S3 settings
+    # (an earlier test's) has workers without them, so the run starts a Ray of its own.
+    import ray
+
+    ray.shutdown()
     same_job = refine_cli(
         annotations, "--out", out, "--checkpoint", weights[0], "--resume", "--batch-size", "3"
     )

@@ -41,6 +41,8 @@ RAY_NOISE = (
 )
 PROGRESS_LINE = re.compile(r"^refine (\d+)/(\d+) rows \(\d+%\), [\d.]+ img/s, ETA [\d:?]+, \d+ failed$")
 OUR_LINE = re.compile(r"^(hqsam: |error: |\d+ annotations have no output row$)")
+# the input's reading bar, before the refine's (pipeline/task_source.py)
+READING_LINE = re.compile(r"^reading (\d+)/(\d+) MiB \(\d+%\), [\d.]+ MiB/s, ETA [\d:?]+$")
 
 
 class FakeClock:
@@ -249,7 +251,8 @@ def test_refine_is_quiet_by_default_with_plain_progress_lines_in_a_pipe(tmp_path
     assert "\r" not in result.stderr and "\x1b" not in result.stderr
     lines = result.stderr.splitlines()
     assert lines, "nothing printed"
-    strangers = [line for line in lines if not (OUR_LINE.match(line) or PROGRESS_LINE.match(line))]
+    ours = (OUR_LINE, PROGRESS_LINE, READING_LINE)
+    strangers = [line for line in lines if not any(pattern.match(line) for pattern in ours)]
     assert not strangers, "\n".join(strangers)
     for noise in RAY_NOISE:
         assert noise not in result.stderr
