@@ -230,19 +230,23 @@ def test_a_top_level_key_written_twice_keeps_its_last_value(tmp_path) -> None:
     assert written == {"info": {"v": 2}, "images": [], "annotations": [{"id": 1, "image_id": 1}]}
 
 
-def test_the_sink_writes_parts_sorted_by_position_and_says_so(tmp_path) -> None:
-    def row(image_id: int, positions: list[int]) -> dict:
-        count = len(positions)
-        return {"image_id": image_id, "image_uri": None, "file_name": None, "height": None, "width": None}| {
-            "ann_ids": positions, "ann_indices": positions, "category_ids": [1] * count,
-            "iscrowd": [0] * count, "prompts": np.full((count, 4), np.nan),
-            "statuses": [Status.IMAGE_MISSING] * count, "errors": ["no image record"] * count,
-            "scores": [math.nan] * count, "rle_counts": [""] * count,
-            "refined_bboxes": np.zeros((count, 4)), "areas": [-1] * count,
-            "ious": [math.nan] * count, "boundary_ious": [math.nan] * count,
-        }  # fmt: skip
+def encoded_row(image_id: int, positions: list[int]) -> dict:
+    """An IMAGE_ENCODED row of an image without a record: every annotation image_missing."""
+    count = len(positions)
+    return {"image_id": image_id, "image_uri": None, "file_name": None, "height": None, "width": None} | {
+        "ann_ids": positions, "ann_indices": positions, "category_ids": [1] * count,
+        "iscrowd": [0] * count, "prompts": np.full((count, 4), np.nan),
+        "statuses": [Status.IMAGE_MISSING] * count, "errors": ["no image record"] * count,
+        "scores": [math.nan] * count, "rle_counts": [""] * count,
+        "refined_bboxes": np.zeros((count, 4)), "areas": [-1] * count,
+        "ious": [math.nan] * count, "boundary_ious": [math.nan] * count,
+    }  # fmt: skip
 
-    WriteParquetParts(str(tmp_path), "vit_tiny").process([row(1, [9, 4]), row(2, [7]), row(3, [1, 8])])
+
+def test_the_sink_writes_parts_sorted_by_position_and_says_so(tmp_path) -> None:
+    WriteParquetParts(str(tmp_path), "vit_tiny").process(
+        [encoded_row(1, [9, 4]), encoded_row(2, [7]), encoded_row(3, [1, 8])]
+    )
     (part,) = (tmp_path / "rows").iterdir()
     assert pq.read_table(part)["ann_index"].to_pylist() == [1, 4, 7, 8, 9]
     assert sorted_rows._declared_sorted(pq.ParquetFile(part).metadata)
@@ -287,16 +291,8 @@ def test_annotations_json_on_s3(s3_bucket, tmp_path) -> None:
 def test_the_sink_writes_a_missing_text_that_arrives_as_nan_as_null(tmp_path) -> None:
     """A whole Ray block kept as pandas hands a missing file name or URI over as NaN, not None: the
     sink wrote nothing for it (ArrowTypeError), and the run then hung refining its rows again."""
-    count = 2
-    row = {"image_id": 5, "image_uri": math.nan, "file_name": np.float64("nan"), "height": math.nan}
-    row |= {
-        "width": math.nan, "ann_ids": [1, 2], "ann_indices": [0, 1], "category_ids": [1] * count,
-        "iscrowd": [0] * count, "prompts": np.full((count, 4), np.nan),
-        "statuses": [Status.IMAGE_MISSING] * count, "errors": ["no image record"] * count,
-        "scores": [math.nan] * count, "rle_counts": [""] * count,
-        "refined_bboxes": np.zeros((count, 4)), "areas": [-1] * count,
-        "ious": [math.nan] * count, "boundary_ious": [math.nan] * count,
-    }  # fmt: skip
+    row = encoded_row(5, [0, 1]) | {"image_uri": math.nan, "file_name": np.float64("nan")}
+    row |= {"height": math.nan, "width": math.nan}
     WriteParquetParts(str(tmp_path), "vit_tiny").process([row])
     (part,) = (tmp_path / "rows").iterdir()
     table = pq.read_table(part)
