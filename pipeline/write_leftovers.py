@@ -3,7 +3,8 @@
 A block whose worker died on every try Ray allows it (pipeline/stage.py) is dropped with all its task
 rows, the innocent ones too, and a run that fails as a whole leaves the rows it had not reached. After
 the Ray run, the task rows without rows in OUT are refined once more, one per block, when the run went
-through (the crash then takes only its own row); whatever is still missing is written with
+through (the crash then takes only its own row; that pass is tried again if it fails as a whole);
+whatever is still missing is written with
 `Status.WORKER_CRASHED` and the error, by the chain's own stages.
 """
 
@@ -33,6 +34,9 @@ log = logging.getLogger(__name__)
 
 # Task rows refined again one by one; more missing than this means the run failed, not one input.
 RERUN_AT_MOST = 256
+# Tries of that one-by-one pass when it fails as a whole (an actor that could not start, say), not
+# block by block.
+PASSES = 3
 DROPPED = (
     "the worker refining this image died on every try (a native crash, the OOM killer or a lost node); "
     "see the Ray worker logs"
@@ -60,9 +64,12 @@ def write_leftovers(
         log.warning(
             "%d images lost their rows to a crash; refining them again one by one", tally.unwritten_rows
         )
-        missing = pa.concat_tables(ray.get(task_dataset(tasks, written).to_arrow_refs()))
-        refine_one_by_one(missing, out, settings, chain)
-        tally, written = tally_out(tasks, out)
+        for _ in range(PASSES):
+            missing = pa.concat_tables(ray.get(task_dataset(tasks, written).to_arrow_refs()))
+            ran_through = refine_one_by_one(missing, out, settings, chain)
+            tally, written = tally_out(tasks, out)
+            if ran_through or not tally.unwritten_rows:
+                break
     if not tally.unwritten_rows:
         return 0
     error = DROPPED if crash is None else f"the Ray run failed before this row was written: {one_line(crash)}"
@@ -81,9 +88,9 @@ def write_leftovers(
 
 def refine_one_by_one(
     tasks: pa.Table, out: str, settings: RefineSettings, chain: Chain = refine_stages
-) -> None:
+) -> bool:
     """Run the chain over `tasks` with one task row per block, batch and part file, dropping the blocks
-    that still fail: a crash then costs only its own row."""
+    that still fail: a crash then costs only its own row. False when the run failed as a whole."""
     import ray
 
     alone = dataclasses.replace(settings, batch_size=1, images_per_file=1)
@@ -92,8 +99,10 @@ def refine_one_by_one(
     try:
         for _ in dataset.iter_batches(batch_size=None, batch_format="numpy"):
             pass
-    except Exception as error:  # whatever it did not write is written as crashed next
-        log.warning("the one-by-one pass failed too: %s", one_line(error))
+    except Exception as error:  # whatever it did not write is tried again or written as crashed
+        log.warning("the one-by-one pass failed as a whole: %s", one_line(error))
+        return False
+    return True
 
 
 def write_crashed(tasks: pa.Table, out: str, settings: RefineSettings, error: str) -> pa.Table:

@@ -419,7 +419,7 @@ def plain_boxes(coco: Path) -> dict[int, list]:
 
 @pytest.mark.slow
 def test_an_input_that_kills_its_worker_ends_as_worker_crashed_rows(
-    ray_session, checkpoint, refiner, tmp_path
+    ray_session, checkpoint, refiner, tmp_path, caplog
 ):
     """Two images kill their process on every try, one in a task, one on an actor: after bounded
     retries their blocks are dropped, the other images of those blocks are refined again one by one,
@@ -436,7 +436,7 @@ def test_an_input_that_kills_its_worker_ends_as_worker_crashed_rows(
     assert run_segfaulting(ray_session, tasks, out, settings, chain, keep_going=True) is None
     assert len(read_out(out)) < 12  # the crashes took rows with them
 
-    assert write_leftovers(tasks, str(out), settings, chain=chain) == 4
+    assert write_leftovers(tasks, str(out), settings, chain=chain) == 4, hqsam_log(caplog)
     rows = read_out(out)
     assert sorted(rows) == list(range(12))
     boxes = plain_boxes(coco)
@@ -446,6 +446,63 @@ def test_an_input_that_kills_its_worker_ends_as_worker_crashed_rows(
             assert rows[position]["error"] == DROPPED and rows[position]["segmentation"] is None
             assert rows[position]["image_id"] == image
     for position, mask in expected_masks(refiner, coco.parent, boxes).items():
+        assert_ok_with_mask(rows[position], mask)
+
+
+def hqsam_log(caplog: pytest.LogCaptureFixture) -> str:
+    """What hqsam logged during the test (Ray Data's own records are long and many)."""
+    return "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("hqsam"))
+
+
+def failing_first_start_chain(marker: Path):
+    """refine_stages with an actor stage whose first start anywhere fails (it creates `marker`), as
+    a model load from a flaky store would: the Ray run then fails as a whole."""
+    import ray
+
+    from hqsam.pipeline.refine_pipeline import refine_stages
+    from hqsam.pipeline.stage import Stage
+
+    class FailsFirstStart(Stage):
+        on_actor = True
+        batch_size = 1
+
+        def setup(self):
+            if not marker.exists():
+                marker.touch()
+                raise RuntimeError("the first start of this stage fails")
+
+        def process(self, rows):
+            return rows
+
+        def ray_options(self):
+            return {"compute": ray.data.ActorPoolStrategy(size=1), "num_cpus": 0}
+
+    def chain(out: str, settings) -> list:
+        stages = refine_stages(out, settings)
+        stages.insert(3, FailsFirstStart())
+        return stages
+
+    return chain
+
+
+@pytest.mark.slow
+def test_a_second_pass_that_fails_as_a_whole_is_tried_again(
+    ray_session, checkpoint, refiner, tmp_path, caplog
+):
+    """The one-by-one pass over the rows a crash took fails as a whole when an actor cannot start;
+    it is run again, and every row ends refined rather than worker_crashed."""
+    from hqsam.pipeline.stream_coco import stream_coco
+    from hqsam.pipeline.write_leftovers import write_leftovers
+
+    coco = plain_dataset(tmp_path / "data", 2)
+    tasks = stream_coco(str(coco), str(tmp_path / "tasks"))
+    out = tmp_path / "out"
+    out.mkdir()  # nothing written: every row is the crash's
+    chain = failing_first_start_chain(tmp_path / "started-once")
+    assert write_leftovers(tasks, str(out), refine_settings(checkpoint), chain=chain) == 0, hqsam_log(caplog)
+    assert "failed as a whole" in hqsam_log(caplog) and (tmp_path / "started-once").exists()
+    rows = read_out(out)
+    for position, mask in expected_masks(refiner, coco.parent, plain_boxes(coco)).items():
         assert_ok_with_mask(rows[position], mask)
 
 
