@@ -5,7 +5,8 @@ attention): masks, logits and scores equal the official predictor's. On CUDA the
 fast path (issue 7): bf16 autocast, fused attention, the resize and normalisation on the GPU
 (antialiased bilinear `F.interpolate`, not PIL, so CUDA masks are close to but not bit-identical with
 the CPU path), pinned-memory uploads, and upsampling + thresholding on the GPU with bit-packed masks
-coming back to the host. Each part is also a keyword option.
+coming back to the host. Each part is also a keyword option, and each runs on any device: the CPU
+tests run the GPU's code.
 
 `refine` returns every box's mask and logits at once; `refine_chunks` hands them out one decoder
 call (`max_prompts` boxes) at a time, so what a caller holds need not grow with the box count.
@@ -117,6 +118,9 @@ class BoxRefiner:
       $TORCHINDUCTOR_CACHE_DIR (default $HQSAM_CACHE/inductor) so the first-batch cost is paid once.
     - `pad_prompts`: pad every decoder chunk to `max_prompts` prompts (repeats of its last prompt,
       dropped afterwards) so shapes never change; default: on when compiling.
+    - `on_device`: resize (antialiased bilinear, not PIL), normalise, threshold and bit-pack on the
+      model's device, so that only images go up and only bits come down (default on CUDA, where the
+      upload is pinned); off: PIL resize and numpy packing, as the official predictor.
     """
 
     def __init__(
@@ -130,6 +134,7 @@ class BoxRefiner:
         attention: str | None = None,
         compile: bool | str = False,
         pad_prompts: bool | None = None,
+        on_device: bool | None = None,
     ) -> None:
         self.device = torch.device(device)
         cuda = self.device.type == "cuda"
@@ -152,6 +157,7 @@ class BoxRefiner:
         self.attention = attention
         self.compile = compile_target
         self.pad_prompts = compile_target is not None if pad_prompts is None else bool(pad_prompts)
+        self.on_device = cuda if on_device is None else bool(on_device)
         if compile_target is not None:
             compile_model(self.model, compile_target)
 
@@ -171,7 +177,7 @@ class BoxRefiner:
             empty = torch.empty(0, device=self.device)
             return EncodedImages(empty, empty, [], [])
         original_sizes = [tuple(image.shape[:2]) for image in images]
-        if self.device.type == "cuda":
+        if self.on_device:
             batch, input_sizes = self._preprocess_on_device(images)
         else:
             batch, input_sizes = [], []
@@ -189,9 +195,9 @@ class BoxRefiner:
         return EncodedImages(embeddings, hq_features, input_sizes, original_sizes)
 
     def _preprocess_on_device(self, images: Sequence[np.ndarray]) -> tuple[list[torch.Tensor], list]:
-        """Pinned upload, then resize (antialiased bilinear, rounded to uint8 levels like PIL's
-        output), normalise and pad on the device."""
-        uploaded = [_pinned(image).to(self.device, non_blocking=True) for image in images]
+        """Upload (pinned to CUDA), then resize (antialiased bilinear, rounded to uint8 levels like
+        PIL's output), normalise and pad on the device."""
+        uploaded = [_uploaded(image, self.device) for image in images]
         batch, input_sizes = [], []
         for pixels in uploaded:
             h, w = pixels.shape[:2]
@@ -303,7 +309,7 @@ class BoxRefiner:
         input_size, original_size = features.input_sizes[image], features.original_sizes[image]
         masks = self.model.postprocess_masks(logits.float()[:, None], input_size, original_size)[:, 0]
         masks = masks > self.model.mask_threshold
-        if self.device.type == "cuda":  # only the bits cross to the host
+        if self.on_device:  # only the bits cross to the host
             packed = packbits(masks).cpu().numpy()
         else:
             packed = pack_masks(masks.cpu().numpy())
@@ -544,12 +550,12 @@ def _pad_rows(boxes: torch.Tensor, index: torch.Tensor, size: int) -> tuple[torc
     return torch.cat([boxes, boxes[-1:].expand(missing, 4)]), torch.cat([index, index[-1:].expand(missing)])
 
 
-def _pinned(image: np.ndarray) -> torch.Tensor:
-    """A copy of `image` in pinned memory, in one copy; a read-only array (a Ray Data batch's) is
-    read, never shared, so torch has nothing to warn about."""
-    pinned = torch.empty(image.shape, dtype=torch.uint8, pin_memory=True)
-    pinned.numpy()[...] = image
-    return pinned
+def _uploaded(image: np.ndarray, device: torch.device) -> torch.Tensor:
+    """`image` on `device`, through one copy into pinned memory when that is CUDA; a read-only array
+    (a Ray Data batch's) is read, never shared, so torch has nothing to warn about."""
+    copy = torch.empty(image.shape, dtype=torch.uint8, pin_memory=device.type == "cuda")
+    copy.numpy()[...] = image
+    return copy.to(device, non_blocking=True)
 
 
 def _batches(items: list, size: int) -> Iterator[list]:

@@ -20,6 +20,19 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_FIXTURES = ROOT.parent / "shared" / "fixtures"
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `cuda` (what truly needs a CUDA GPU; `pytest -m cuda` selects them all) skip
+    where there is none."""
+    marked = [item for item in items if item.get_closest_marker("cuda")]
+    if not marked:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        for item in marked:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+
+
 def unwritten_tasks(tasks, out: Path):
     """The task rows of the Arrow table `tasks` without rows in OUT yet, found as a run finds them:
     counted against OUT (pipeline/out_tally.py), then dropped by the source's filter."""

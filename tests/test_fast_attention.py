@@ -15,7 +15,6 @@ from hqsam.hqsam_core.fast_attention import FusedAttention, attention_kind, rel_
 from hqsam.hqsam_core.hqsam import HQSam
 
 TOLERANCE = 1e-4
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def _randomize_rel_pos_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -140,28 +139,45 @@ def test_build_option_keeps_checkpoint_keys() -> None:
         build_hqsam("vit_tiny", attention="flash")
 
 
-@cuda
-@pytest.mark.parametrize(
-    ("heads", "dim", "size", "batch"), [(12, 768, (64, 64), 2), (16, 1280, (14, 14), 50)]
-)
+SHAPES = [(12, 768, (64, 64), 2), (16, 1280, (14, 14), 50)]  # heads, dim, tokens, batch
+
+
+@pytest.mark.parametrize(("heads", "dim", "size", "batch"), SHAPES)
+def test_fused_attention_fp32_and_bf16_on_cpu(heads, dim, size, batch) -> None:
+    """vit_b global and vit_h windowed shapes, as on the GPU (one image of the global one)."""
+    _fused_agrees_fp32_and_bf16(heads, dim, size, 1 if size == (64, 64) else batch, "cpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(("heads", "dim", "size", "batch"), SHAPES)
 def test_fused_attention_on_cuda_fp32_and_bf16(heads, dim, size, batch) -> None:
-    """vit_b global and vit_h windowed shapes on the GPU: fp32 within 1e-4; bf16 close; the
-    global bias is chunked, so peak memory stays far below the full (B, heads, 4096, 4096) bias."""
-    official = _attention(dim, heads, size, seed=5).cuda()
-    fused = _attention(dim, heads, size, seed=5).cuda()
-    set_attention(fused, "sdpa")
-    x = torch.randn(batch, *size, dim, device="cuda", generator=torch.Generator("cuda").manual_seed(5))
-    with torch.no_grad():
-        expected = official(x)
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        actual = fused(x)
-        peak = torch.cuda.max_memory_allocated() - base
-        assert (actual - expected).abs().max().item() <= TOLERANCE
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            low = fused(x)
+    """The same on the GPU, where the global bias is chunked, so peak memory stays far below the
+    full (B, heads, 4096, 4096) bias."""
+    peak = _fused_agrees_fp32_and_bf16(heads, dim, size, batch, "cuda")
     n = size[0] * size[1]
     if n == 4096:
         assert peak < batch * heads * n * n * 4 / 2  # the full fp32 bias would be 1.5 GiB
+
+
+def _fused_agrees_fp32_and_bf16(heads: int, dim: int, size: tuple[int, int], batch: int, device: str) -> int:
+    """fp32 within TOLERANCE of SAM's attention, bf16 autocast within 5% of its largest output;
+    the fused call's peak memory in bytes on CUDA (0 elsewhere)."""
+    official = _attention(dim, heads, size, seed=5).to(device)
+    fused = _attention(dim, heads, size, seed=5).to(device)
+    set_attention(fused, "sdpa")
+    x = torch.randn(batch, *size, dim, device=device, generator=torch.Generator(device).manual_seed(5))
+    cuda = device == "cuda"
+    with torch.no_grad():
+        expected = official(x)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        actual = fused(x)
+        peak = torch.cuda.max_memory_allocated() - base if cuda else 0
+        assert (actual - expected).abs().max().item() <= TOLERANCE
+        with torch.autocast(device, dtype=torch.bfloat16):
+            low = fused(x)
+    assert low.dtype == torch.bfloat16  # autocast took
     scale = expected.abs().max().item()
     assert (low.float() - expected).abs().max().item() <= 0.05 * scale
+    return peak

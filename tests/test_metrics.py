@@ -173,7 +173,6 @@ def test_shape_validation():
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_boundary_iou_on_cuda_matches_cpu():
     a, b = _cases(31, 45, seed=11)
     np.testing.assert_allclose(boundary_iou_batch(a, b, device="cuda"), boundary_iou_batch(a, b))

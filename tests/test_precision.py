@@ -15,7 +15,7 @@ from hqsam.hqsam_core.testing.random_weights import randomize_
 from tests.conftest import SHARED_FIXTURES
 from tests.test_fast_attention import small_vit_hqsam
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+cuda = pytest.mark.cuda
 # Inductor on a CPU compiles C++ for minutes on a small machine: opt in with HQSAM_TEST_COMPILE_CPU=1.
 compile_device = "cuda" if torch.cuda.is_available() else "cpu"
 compile_runs = pytest.mark.skipif(
@@ -98,6 +98,37 @@ def test_bf16_on_cpu_runs_and_agrees_with_fp32(capsys) -> None:
     assert np.mean(ious) >= 0.9
 
 
+def _model_size_images_and_boxes():
+    """Two textured images whose longer side is the model's 1024 already: no path resizes them."""
+    rng = np.random.default_rng(7)
+    images = [
+        np.kron(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8), np.ones((16, 16, 1), np.uint8)),
+        np.kron(rng.integers(0, 256, (64, 36, 3), dtype=np.uint8), np.ones((16, 16, 1), np.uint8)),
+    ]
+    boxes = [
+        np.array([[20, 30, 600, 500], [300.5, 10.2, 1000.7, 760.1], [0, 0, 1024, 768]], np.float32),
+        np.array([[30, 40, 500, 900], [-20, 100, 560, 1100]], np.float32),
+    ]
+    return images, boxes
+
+
+def test_device_host_path_on_cpu_equals_the_cpu_path_bit_for_bit() -> None:
+    """The host side CUDA runs (upload, resize and normalise on the device, upsampling, threshold and
+    bit-packing there), run on CPU tensors: where nothing needs resizing, masks, logits and scores
+    equal the CPU path's exactly (fp32)."""
+    model = small_vit_hqsam(seed=3)
+    images, boxes = _model_size_images_and_boxes()
+    official = BoxRefiner(model, "cpu")
+    device_side = BoxRefiner(model, "cpu", on_device=True)
+    assert not official.on_device and device_side.on_device
+    expected, actual = official.refine(images, boxes), device_side.refine(images, boxes)
+    for a, b in zip(expected, actual):
+        assert a.masks.any() and (~a.masks).any(), "degenerate masks would prove little"
+        np.testing.assert_array_equal(b.packed_masks, a.packed_masks)
+        np.testing.assert_array_equal(b.logits, a.logits)
+        np.testing.assert_array_equal(b.scores, a.scores)
+
+
 def test_packbits_matches_numpy() -> None:
     rng = np.random.default_rng(0)
     for shape in [(3, 5, 7), (2, 8, 8), (1, 1, 1), (0, 4, 4)]:
@@ -171,14 +202,16 @@ def test_bf16_agrees_with_fp32_on_cuda(capsys) -> None:
         assert ious.mean() >= (0.99 if official else 0.97)
 
 
-@cuda
-def test_cuda_host_path_agrees_with_cpu() -> None:
-    """GPU resize (antialiased bilinear, not PIL), GPU upsampling and bit-packed masks: close to the
-    official CPU path, not bit-identical."""
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
+def test_device_host_path_agrees_with_the_official_path(device) -> None:
+    """Resize on the device (antialiased bilinear, not PIL), upsampling there and bit-packed masks
+    (CUDA's default; on CPU tensors where no GPU is): close to the official CPU path, not
+    bit-identical, since the resize differs."""
     model = randomize_(build_hqsam("vit_tiny"), seed=4)
     images, boxes = _fixture_images_and_boxes()
     cpu = BoxRefiner(model, "cpu").refine(images, boxes)
-    gpu = BoxRefiner(model, "cuda", precision="fp32", attention="sam").refine(images, boxes)
+    refiner = BoxRefiner(model, device, precision="fp32", attention="sam", on_device=True)
+    gpu = refiner.refine(images, boxes)
     for a, b in zip(cpu, gpu):
         assert b.masks.dtype == bool and b.masks.shape == a.masks.shape
         assert _mask_ious(a.masks, b.masks).mean() >= 0.98
