@@ -6,7 +6,7 @@ import numpy as np
 import orjson
 
 from hqsam.hqsam_core.masks import encode_rles, rle_area, rle_bbox, segmentation_to_mask
-from hqsam.hqsam_core.metrics import boundary_iou_batch, mask_iou_batch
+from hqsam.hqsam_core.metrics import mask_and_boundary_ious
 from hqsam.hqsam_core.refiner import unpack_masks
 from hqsam.pipeline.stage import Row, Stage
 from hqsam.schemas.status import Status
@@ -67,5 +67,4 @@ def _compare_with_originals(row: Row, ok: list[int], refined: np.ndarray, height
     if positions:
         ours, theirs = refined[positions], np.stack(originals)
         keys = [ok[position] for position in positions]
-        row["ious"][keys] = mask_iou_batch(ours, theirs)
-        row["boundary_ious"][keys] = boundary_iou_batch(ours, theirs)
+        row["ious"][keys], row["boundary_ious"][keys] = mask_and_boundary_ious(ours, theirs)

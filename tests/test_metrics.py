@@ -197,3 +197,25 @@ def test_boundary_iou_batch_many_large_masks():
     assert scores.shape == (n,)
     assert np.all((scores > 0) & (scores < 1))
     np.testing.assert_array_equal(boundary_iou_batch(a[:20], a[:20]), np.ones(20))
+
+
+def test_ious_in_each_pairs_box_equal_the_whole_image():
+    """The CPU path compares each pair on the box around its two masks: exactly the whole-image
+    result, for small objects, objects on the border, disjoint pairs and empty masks alike."""
+    from hqsam.hqsam_core.metrics import _boundary_ious_whole, mask_and_boundary_ious
+
+    h, w = 120, 160
+    a, b = _cases(h, w, seed=3)
+    small_a, small_b = np.zeros((4, h, w), bool), np.zeros((4, h, w), bool)
+    small_a[0, 10:18, 20:31], small_b[0, 11:19, 19:30] = True, True  # a small object, shifted
+    small_a[1, 0:9, 150:160], small_b[1, 0:7, 152:160] = True, True  # in a corner
+    small_a[2, 50:60, 50:60], small_b[2, 90:99, 100:110] = True, True  # two objects apart
+    small_a[3, 40:41, 40:41] = True  # one pixel against nothing
+    a, b = torch.from_numpy(np.concatenate([a, small_a])), torch.from_numpy(np.concatenate([b, small_b]))
+    d = boundary_dilation(h, w, 0.02)
+    whole = _boundary_ious_whole(a, b, d, chunk=8, device=None)
+    ious, boundary_ious = mask_and_boundary_ious(a, b)
+    np.testing.assert_array_equal(boundary_ious, whole)
+    np.testing.assert_array_equal(boundary_iou_batch(a, b), whole)
+    np.testing.assert_array_equal(ious, mask_iou_batch(a, b))
+    assert 0 < whole[-4] < 1 and whole[-2] == 0 and whole[-1] == 0
