@@ -20,6 +20,7 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 
 # Ray Data always puts an actor's constructor arguments (the UDF and its DataContext) in the object
 # store; it holds them for the operator's lifetime, so the restart this warns about cannot fail.
@@ -133,6 +134,13 @@ def ray_log_dir() -> str | None:
         return None
 
 
+def _writes_to_fd(stream: object, fd: int) -> bool:
+    try:
+        return stream.fileno() == fd
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError
+        return False
+
+
 _FILTER_CODE = """
 import re, sys
 harmless = re.compile(sys.argv[1].encode())
@@ -143,7 +151,7 @@ for line in sys.stdin.buffer:
 """
 
 
-def _filter_native_stderr(harmless: str) -> subprocess.Popen:
+def _filter_native_stderr(harmless: str) -> Callable[[], None]:
     """Route file descriptor 2 (where Ray's C++ code logs) through a filter process that drops
     the lines matching `harmless`; Python's sys.stderr keeps writing to the real stderr, unfiltered
     and unbuffered by the filter (progress lines redrawn in place). The filter is a process, not a
@@ -152,9 +160,14 @@ def _filter_native_stderr(harmless: str) -> subprocess.Popen:
     process = subprocess.Popen(
         [sys.executable, "-c", _FILTER_CODE, harmless], stdin=subprocess.PIPE, stdout=real, close_fds=True
     )
-    sys.stderr.flush()
+    python_stderr = sys.stderr
+    python_stderr.flush()
     os.dup2(process.stdin.fileno(), 2)
-    sys.stderr = os.fdopen(os.dup(real), "w", buffering=1, encoding=sys.stderr.encoding, errors="replace")
+    if _writes_to_fd(python_stderr, 2):
+        encoding = python_stderr.encoding
+        sys.stderr = os.fdopen(os.dup(real), "w", buffering=1, encoding=encoding, errors="replace")
+    # else stderr is captured (a test's runner, a notebook): left alone, as dropping the last
+    # reference to a capturing stream closes it under its owner
 
     def restore() -> None:  # before Ray's own exit handler (atexit runs last registered first)
         sys.stderr.flush()
@@ -166,4 +179,4 @@ def _filter_native_stderr(harmless: str) -> subprocess.Popen:
             pass
 
     atexit.register(restore)
-    return process
+    return restore

@@ -172,6 +172,23 @@ def test_ray_advice_is_dropped_and_colours_stripped_off_a_terminal(monkeypatch) 
     )
 
 
+def test_the_native_log_filter_leaves_a_captured_stderr_open_and_writing() -> None:
+    """CI: a CLI test's first Ray start replaced the test runner's stderr, which closed it under
+    the runner ("I/O operation on closed file")."""
+    from click.testing import CliRunner
+
+    from hqsam.pipeline.console import _filter_native_stderr
+
+    with CliRunner().isolation() as streams:
+        restore = _filter_native_stderr("nothing matches this")
+        try:
+            print("still captured", file=sys.stderr)
+            sys.stderr.flush()
+        finally:
+            restore()
+    assert "still captured" in streams[1].getvalue().decode()
+
+
 # ---------------------------------------------------------------- a local `hqsam refine` (slow)
 
 
