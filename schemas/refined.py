@@ -31,10 +31,21 @@ REFINED_ANNOTATION = pa.schema(
         pa.field("bbox", pa.list_(pa.float64())),  # refined mask's box, COCO xywh; null unless ok
         pa.field("area", pa.int64()),  # refined mask's pixel count; null unless ok
         pa.field("segmentation", RLE),  # refined mask as COCO RLE; null unless ok
-        pa.field("score", pa.float32()),  # HQ-SAM's predicted IoU of its mask; null unless ok
+        pa.field("score", pa.float32()),  # SAM's predicted IoU of its own mask token (the HQ token has none)
         # IoU of the refined mask with the input's own mask; null unless ok with a readable input mask
         pa.field("iou_vs_original", pa.float32()),
         pa.field("boundary_iou_vs_original", pa.float32()),  # the same as a boundary IoU
+        # the prompt HQ-SAM was given: "box", "box+points" or "box+mask"; a guided prompt for an
+        # annotation without a readable mask falls back to "box (no original mask)"; null: none made
+        pa.field("prompt", pa.string()),
+        # stability score of the written mask's logits: IoU of the masks thresholded at +1 and -1
+        # (segment_anything.utils.amg.calculate_stability_score); null unless ok
+        pa.field("stability", pa.float32()),
+        # IoU of SAM's own mask for the same prompt with the written mask; null unless ok
+        pa.field("sam_hq_iou", pa.float32()),
+        # the acceptance policy's verdict (--accept): take the refined mask; null unless ok
+        pa.field("accepted", pa.bool_()),
+        pa.field("rejected_by", pa.string()),  # the policy's clause that failed; null unless rejected
         pa.field("status", pa.string(), nullable=False),  # one of schemas.status.FINAL_STATUSES
         pa.field("error", pa.string()),  # one line, null when ok
         pa.field("model", pa.string(), nullable=False),  # the model that refined the row
