@@ -55,11 +55,14 @@ class MaskDecoderHQ(MaskDecoder):
         image_index: torch.Tensor,
         multimask_output: bool = False,
         hq_token_only: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decode N prompts; returns low-res logits (N, 1, 256, 256) and scores (N,).
+        with_sam_logits: bool = False,
+    ) -> tuple[torch.Tensor, ...]:
+        """Decode N prompts; returns low-res logits (N, 1, 256, 256) and scores (N,), and with
+        `with_sam_logits` SAM's own mask token's logits (N, 1, 256, 256) as well.
 
         `image_embeddings` (B, C, h, w) and `hq_features` (B, 32, 4h, 4w) hold one entry per image;
-        `image_index` (N,) says which image each prompt belongs to.
+        `image_index` (N,) says which image each prompt belongs to. Without `hq_token_only` the
+        logits are SAM's plus the HQ token's, as in the official decoder.
         """
         num_sam_tokens = self.num_mask_tokens  # iou head scores these; the HQ token has no score
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight, self.hf_token.weight])
@@ -85,13 +88,16 @@ class MaskDecoderHQ(MaskDecoder):
         upscaled_hq = self.embedding_maskfeature(upscaled_sam)
         _add_per_image_(upscaled_hq, hq_features, image_index)
         logits = _dot(self.hf_mlp(mask_tokens_out[:, num_sam_tokens]), upscaled_hq)
-        if not hq_token_only:
+        sam_logits = None
+        if with_sam_logits or not hq_token_only:
             sam_hyper = torch.stack(
                 [mlp(mask_tokens_out[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1
             )
             chosen = sam_hyper[torch.arange(n, device=sam_hyper.device), sam_token]
-            logits = _dot(chosen, upscaled_sam) + logits
-        return logits, scores
+            sam_logits = _dot(chosen, upscaled_sam)
+        if not hq_token_only:
+            logits = sam_logits + logits
+        return (logits, scores, sam_logits) if with_sam_logits else (logits, scores)
 
 
 def _dot(hyper: torch.Tensor, features: torch.Tensor) -> torch.Tensor:

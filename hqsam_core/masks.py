@@ -185,3 +185,18 @@ def tight_box_inclusive(mask: np.ndarray) -> np.ndarray | None:
         return None
     cols = np.flatnonzero(mask.any(axis=0))
     return np.array([cols[0], rows[0], cols[-1], rows[-1]], dtype=np.float32)
+
+
+def remove_small_regions(masks: np.ndarray, min_area: int) -> np.ndarray:
+    """(N, H, W) bool masks with holes, then islands, smaller than `min_area` pixels removed, as
+    SAM's automatic mask generator cleans its masks (segment_anything.utils.amg.remove_small_regions,
+    which needs OpenCV). `min_area` 0 returns the masks as they are."""
+    if min_area <= 0 or not len(masks):
+        return masks
+    from segment_anything.utils import amg
+
+    cleaned = np.empty_like(masks)
+    for k, mask in enumerate(masks):
+        mask, _ = amg.remove_small_regions(mask, min_area, mode="holes")
+        cleaned[k], _ = amg.remove_small_regions(mask, min_area, mode="islands")
+    return cleaned

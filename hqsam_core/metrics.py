@@ -27,7 +27,7 @@ def _check_pair(a: torch.Tensor, b: torch.Tensor, ndim: int) -> None:
         )
 
 
-def _iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def paired_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-mask IoU of two (N, H, W) bool tensors; an empty union counts as a perfect match."""
     # Counting in int32 is much cheaper than summing bools as float64.
     inter = (a & b).flatten(1).sum(1, dtype=torch.int32).double()
@@ -63,7 +63,7 @@ def mask_iou_batch(a: MaskArray, b: MaskArray, chunk: int = 64) -> np.ndarray:
     """IoU of each pair of (N, H, W) masks; two empty masks score 1.0."""
     ta, tb = _as_bool_tensor(a), _as_bool_tensor(b)
     _check_pair(ta, tb, 3)
-    out = [_iou(ta[i : i + chunk], tb[i : i + chunk]) for i in range(0, ta.shape[0], chunk)]
+    out = [paired_iou(ta[i : i + chunk], tb[i : i + chunk]) for i in range(0, ta.shape[0], chunk)]
     return torch.cat(out).cpu().numpy() if out else np.zeros(0)
 
 
@@ -97,7 +97,7 @@ def _boundary_ious_whole(
     for i in range(0, a.shape[0], chunk):
         ca, cb = a[i : i + chunk].to(device), b[i : i + chunk].to(device)
         # The erosion lies inside the mask, so xor is mask minus erosion.
-        out.append(_iou(ca ^ _erode(ca, d), cb ^ _erode(cb, d)))
+        out.append(paired_iou(ca ^ _erode(ca, d), cb ^ _erode(cb, d)))
     return torch.cat(out).cpu().numpy() if out else np.zeros(0)
 
 
@@ -127,9 +127,9 @@ def _ious_in_boxes(a: torch.Tensor, b: torch.Tensor, d: int) -> tuple[np.ndarray
             continue
         box = (slice(i, i + 1), slice(int(ys[0]), int(ys[-1]) + 1), slice(int(xs[0]), int(xs[-1]) + 1))
         ca, cb = a[box], b[box]
-        ious[i] = _iou(ca, cb).item()
+        ious[i] = paired_iou(ca, cb).item()
         # The erosion lies inside the mask, so xor is mask minus erosion.
-        boundary_ious[i] = _iou(ca ^ _erode(ca, d), cb ^ _erode(cb, d)).item()
+        boundary_ious[i] = paired_iou(ca ^ _erode(ca, d), cb ^ _erode(cb, d)).item()
     return ious, boundary_ious
 
 

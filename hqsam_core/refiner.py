@@ -28,6 +28,8 @@ from hqsam.hqsam_core import crop_zoom as cz
 from hqsam.hqsam_core.arrays import writable
 from hqsam.hqsam_core.fast_attention import set_attention
 from hqsam.hqsam_core.hqsam import HQSam
+from hqsam.hqsam_core.masks import remove_small_regions
+from hqsam.hqsam_core.metrics import paired_iou
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 COMPILE_TARGETS = ("decoder", "all")
@@ -46,6 +48,11 @@ class Refinement:
     width: int
     logits: np.ndarray  # (N, 256, 256) float32 low-res logits
     scores: np.ndarray  # (N,) float32 predicted IoU
+    # (N,) float32: each mask's stability score (IoU of its logits thresholded at +1 and -1, as
+    # segment_anything.utils.amg.calculate_stability_score) and IoU with SAM's own mask for the same
+    # prompt; see `quality`
+    stability: np.ndarray | None = None
+    sam_hq_iou: np.ndarray | None = None
     # With crop_zoom: (N, 4) int64 XYXY crop window [x0, y0, x1, y1) each box was refined on, -1 for
     # boxes refined on the whole image. A zoomed box's logits are in its crop's frame. None when
     # refine was called without crop_zoom.
@@ -57,7 +64,7 @@ class Refinement:
     ) -> Refinement:
         """A Refinement of (N, H, W) bool masks."""
         _, height, width = masks.shape
-        return cls(pack_masks(masks), height, width, logits, scores, crops)
+        return cls(pack_masks(masks), height, width, logits, scores, crops=crops)
 
     @property
     def masks(self) -> np.ndarray:
@@ -74,6 +81,8 @@ class RefinedChunk:
     rows: np.ndarray  # (n,) int: these boxes' positions among the image's boxes
     packed_masks: np.ndarray  # (n, ceil(H*W/8)) uint8, as in `Refinement`
     scores: np.ndarray  # (n,) float32 predicted IoU
+    stability: np.ndarray  # (n,) float32, as in `Refinement`
+    sam_hq_iou: np.ndarray  # (n,) float32, as in `Refinement`
     logits: np.ndarray | None = None  # (n, 256, 256) float32 when asked for
     crops: np.ndarray | None = None  # (n, 4) crop windows with crop_zoom, as in `Refinement`
 
@@ -88,6 +97,100 @@ def unpack_masks(packed: np.ndarray, height: int, width: int) -> np.ndarray:
     """`pack_masks` undone: (N, ceil(H*W/8)) uint8 -> (N, H, W) bool."""
     bits = np.unpackbits(packed, axis=1, count=height * width)
     return bits.view(bool).reshape(len(packed), height, width)
+
+
+@dataclass
+class PromptSet:
+    """N prompts over a call's encoded images, in the images' pixels: each a box, and optionally
+    points and a dense mask prompt. Every prompt has the same number of points; label -1 pads."""
+
+    boxes: torch.Tensor  # (N, 4) float32 XYXY
+    image_index: torch.Tensor  # (N,) int64: the encoded image each prompt belongs to
+    point_coords: torch.Tensor | None = None  # (N, P, 2) float32 XY
+    point_labels: torch.Tensor | None = None  # (N, P) int64: 1 foreground, 0 background, -1 padding
+    mask_inputs: torch.Tensor | None = None  # (N, 256, 256) float32 logits in the model's input frame
+
+    @classmethod
+    def checked(
+        cls,
+        boxes: np.ndarray | torch.Tensor,
+        image_index: np.ndarray | torch.Tensor,
+        num_images: int,
+        point_coords: np.ndarray | torch.Tensor | None = None,
+        point_labels: np.ndarray | torch.Tensor | None = None,
+        mask_inputs: np.ndarray | torch.Tensor | None = None,
+    ) -> PromptSet:
+        """Prompts as tensors; ValueError unless their shapes agree and indexes name the images."""
+        boxes = torch.as_tensor(writable(boxes), dtype=torch.float32).reshape(-1, 4)
+        image_index = torch.as_tensor(writable(image_index), dtype=torch.long).reshape(-1)
+        n = len(boxes)
+        if n != len(image_index):
+            raise ValueError(f"{n} boxes but {len(image_index)} image indexes")
+        if n and (image_index.min() < 0 or image_index.max() >= num_images):
+            raise ValueError(f"image_index out of range for {num_images} encoded images")
+        if (point_coords is None) != (point_labels is None):
+            raise ValueError("points need their labels, and labels their points")
+        if point_coords is not None:
+            point_coords = torch.as_tensor(writable(point_coords), dtype=torch.float32)
+            point_labels = torch.as_tensor(writable(point_labels), dtype=torch.long)
+            if point_coords.shape[:1] != (n,) or point_coords.ndim != 3 or point_coords.shape[2] != 2:
+                raise ValueError(f"points must be ({n}, P, 2), got {tuple(point_coords.shape)}")
+            if point_labels.shape != point_coords.shape[:2]:
+                raise ValueError(f"point labels must be {tuple(point_coords.shape[:2])}")
+        if mask_inputs is not None:
+            mask_inputs = torch.as_tensor(writable(mask_inputs), dtype=torch.float32)
+            if mask_inputs.shape != (n, 256, 256):
+                raise ValueError(f"mask prompts must be ({n}, 256, 256), got {tuple(mask_inputs.shape)}")
+        return cls(boxes, image_index, point_coords, point_labels, mask_inputs)
+
+    @classmethod
+    def of_images(
+        cls,
+        boxes: list[np.ndarray],
+        points: list[np.ndarray] | None = None,
+        point_labels: list[np.ndarray] | None = None,
+        mask_inputs: list[np.ndarray] | None = None,
+    ) -> PromptSet:
+        """One PromptSet of per-image lists (image i's prompts get image_index i)."""
+
+        def joined(parts: list[np.ndarray] | None, shape: tuple[int, ...]) -> np.ndarray | None:
+            if parts is None:
+                return None
+            return np.concatenate(parts) if parts else np.zeros(shape, np.float32)
+
+        index = np.repeat(np.arange(len(boxes)), [len(b) for b in boxes])
+        count = 0 if points is None or not points else points[0].shape[1]
+        return cls.checked(
+            joined(boxes, (0, 4)),
+            index,
+            len(boxes),
+            joined(points, (0, count, 2)),
+            joined(point_labels, (0, count)),
+            joined(mask_inputs, (0, 256, 256)),
+        )
+
+    def take(self, rows: torch.Tensor) -> PromptSet:
+        """The prompts at `rows`, in that order."""
+
+        def part(values: torch.Tensor | None) -> torch.Tensor | None:
+            return None if values is None else values[rows]
+
+        return PromptSet(
+            self.boxes[rows],
+            self.image_index[rows],
+            part(self.point_coords),
+            part(self.point_labels),
+            part(self.mask_inputs),
+        )
+
+    def padded(self, size: int) -> PromptSet:
+        """Padded to `size` prompts with copies of the last one (image indexes stay sorted)."""
+        missing = size - len(self.boxes)
+        if missing <= 0:
+            return self
+        return self.take(
+            torch.cat([torch.arange(len(self.boxes)), torch.full((missing,), len(self.boxes) - 1)])
+        )
 
 
 @dataclass
@@ -224,91 +327,154 @@ class BoxRefiner:
 
         Returns one `Refinement` per encoded image, its boxes in the order given.
         """
-        boxes, image_index = _checked_prompts(boxes, image_index, len(features.original_sizes))
+        prompts = PromptSet.checked(boxes, image_index, len(features.original_sizes))
         options = {"hq_token_only": hq_token_only, "multimask_output": multimask_output}
-        chunks = self._decoded_chunks(features, boxes, image_index, with_logits=True, **options)
-        counts = torch.bincount(image_index, minlength=len(features.original_sizes)).tolist()
+        chunks = self._decoded_chunks(features, prompts, with_logits=True, **options)
+        counts = torch.bincount(prompts.image_index, minlength=len(features.original_sizes)).tolist()
         return _gather(chunks, counts, features.original_sizes)
+
+    @torch.inference_mode()
+    def decode_low_res(
+        self, features: EncodedImages, prompts: PromptSet, *, hq_token_only: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Low-res logits (N, 256, 256), SAM's own logits (N, 256, 256) and scores (N,) of N prompts,
+        in the order given, on the model's device: for callers that combine several decodes (guided
+        prompts average trials) before `finish`."""
+        logits, sam_logits, scores = [], [], []
+        order = torch.argsort(prompts.image_index, stable=True)
+        for chunk in order.split(self.max_prompts):
+            chunk_logits, chunk_sam, chunk_scores = self._decode_prompts(
+                features, self._model_frame(features, prompts.take(chunk)), hq_token_only=hq_token_only
+            )
+            logits.append(chunk_logits.float())
+            sam_logits.append(chunk_sam.float())
+            scores.append(chunk_scores.float())
+        if not len(order):
+            empty = torch.zeros((0, 256, 256), device=self.device)
+            return empty, empty, torch.zeros(0, device=self.device)
+        inverse = torch.argsort(order.to(self.device))
+        return torch.cat(logits)[inverse], torch.cat(sam_logits)[inverse], torch.cat(scores)[inverse]
+
+    def _model_frame(self, features: EncodedImages, prompts: PromptSet) -> PromptSet:
+        """The prompts' boxes and points in the model's 1024-pixel input frame of their images."""
+        boxes = torch.empty_like(prompts.boxes)
+        coords = None if prompts.point_coords is None else torch.empty_like(prompts.point_coords)
+        for i in prompts.image_index.unique().tolist():
+            selected = prompts.image_index == i
+            size = features.original_sizes[i]
+            boxes[selected] = self.transform.apply_boxes_torch(prompts.boxes[selected], size)
+            if coords is not None:
+                coords[selected] = self.transform.apply_coords_torch(prompts.point_coords[selected], size)
+        return replace(prompts, boxes=boxes, point_coords=coords)
 
     @torch.inference_mode()
     def _decoded_chunks(
         self,
         features: EncodedImages,
-        boxes: torch.Tensor,
-        image_index: torch.Tensor,
+        prompts: PromptSet,
         *,
         with_logits: bool,
+        min_region_area: int = 0,
         **options,
     ) -> Iterator[RefinedChunk]:
         """One decoder call per `max_prompts` prompts, each call's results handed out at once."""
-        model_boxes = torch.empty_like(boxes)
-        for i in image_index.unique().tolist():
-            selected = image_index == i
-            model_boxes[selected] = self.transform.apply_boxes_torch(
-                boxes[selected], features.original_sizes[i]
-            )
-        # A stable sort by image keeps each image's boxes in the caller's order and makes
+        image_index = prompts.image_index
+        # A stable sort by image keeps each image's prompts in the caller's order and makes
         # every image's prompts contiguous, so per-image results are plain splits.
         order = torch.argsort(image_index, stable=True)
         sorted_index = image_index[order]
-        # Each box's position among its image's boxes: its place minus its image's first place.
+        # Each prompt's position among its image's prompts: its place minus its image's first place.
         rows = torch.arange(len(order), device=order.device) - torch.searchsorted(sorted_index, sorted_index)
         chunks = zip(order.split(self.max_prompts), rows.split(self.max_prompts)) if len(order) else ()
         for chunk, chunk_rows in chunks:
-            logits, scores = self._decode_prompts(features, model_boxes[chunk], image_index[chunk], **options)
+            chunk_prompts = self._model_frame(features, prompts.take(chunk))
+            logits, sam_logits, scores = self._decode_prompts(features, chunk_prompts, **options)
             images, sizes = torch.unique_consecutive(image_index[chunk], return_counts=True)
             sizes = sizes.tolist()
-            for i, image_logits, image_scores, image_rows in zip(
-                images.tolist(), logits.split(sizes), scores.split(sizes), chunk_rows.split(sizes)
+            for i, image_logits, image_sam, image_scores, image_rows in zip(
+                images.tolist(),
+                logits.split(sizes),
+                sam_logits.split(sizes),
+                scores.split(sizes),
+                chunk_rows.split(sizes),
             ):
-                yield self._finish(
-                    features, i, image_rows.cpu().numpy(), image_logits, image_scores, with_logits
+                yield self.finish(
+                    features,
+                    i,
+                    image_rows.cpu().numpy(),
+                    image_logits,
+                    image_sam,
+                    image_scores,
+                    with_logits=with_logits,
+                    min_region_area=min_region_area,
                 )
 
     def _decode_prompts(
         self,
         features: EncodedImages,
-        model_boxes: torch.Tensor,
-        image_index: torch.Tensor,
+        prompts: PromptSet,
         *,
         hq_token_only: bool,
-        multimask_output: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One decoder call: (n, 256, 256) low-res logits and (n,) scores of n prompts."""
-        n = len(model_boxes)
-        padded_boxes, padded_index = _pad_rows(
-            model_boxes, image_index, self.max_prompts if self.pad_prompts else n
+        multimask_output: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One decoder call: (n, 256, 256) low-res logits, SAM's own logits and (n,) scores of n
+        prompts, given in the model's input frame."""
+        n = len(prompts.boxes)
+        padded = prompts.padded(self.max_prompts if self.pad_prompts else n)
+        device = self.device
+        points = None
+        if padded.point_coords is not None:
+            points = (
+                padded.point_coords.to(device, non_blocking=True),
+                padded.point_labels.to(device, non_blocking=True),
+            )
+        masks = (
+            None if padded.mask_inputs is None else padded.mask_inputs[:, None].to(device, non_blocking=True)
         )
         with self._autocast():
             sparse, dense = self.model.prompt_encoder(
-                points=None, boxes=padded_boxes.to(self.device, non_blocking=True), masks=None
+                points=points, boxes=padded.boxes.to(device, non_blocking=True), masks=masks
             )
-            logits, scores = self.model.mask_decoder(
+            logits, scores, sam_logits = self.model.mask_decoder(
                 image_embeddings=features.embeddings,
                 image_pe=self.model.prompt_encoder.get_dense_pe(),
                 sparse_prompt_embeddings=sparse,
                 dense_prompt_embeddings=dense,
                 hq_features=features.hq_features,
-                image_index=padded_index.to(self.device, non_blocking=True),
+                image_index=padded.image_index.to(device, non_blocking=True),
                 multimask_output=multimask_output,
                 hq_token_only=hq_token_only,
+                with_sam_logits=True,
             )
-        return logits[:n, 0], scores[:n]
+        return logits[:n, 0], sam_logits[:n, 0], scores[:n]
 
-    def _finish(
+    def finish(
         self,
         features: EncodedImages,
         image: int,
         rows: np.ndarray,
         logits: torch.Tensor,
+        sam_logits: torch.Tensor,
         scores: torch.Tensor,
-        with_logits: bool,
+        *,
+        with_logits: bool = False,
+        min_region_area: int = 0,
     ) -> RefinedChunk:
-        """Upsample some of one image's low-res logits to its size in fp32 and threshold; the masks
-        leave the device bit-packed (numpy packs CPU masks faster than torch does)."""
+        """Upsample some of one image's low-res logits to its size in fp32, threshold, rate, and
+        clean the masks (`min_region_area`); the masks leave the device bit-packed (numpy packs
+        CPU masks faster than torch does)."""
         input_size, original_size = features.input_sizes[image], features.original_sizes[image]
-        masks = self.model.postprocess_masks(logits.float()[:, None], input_size, original_size)[:, 0]
-        masks = masks > self.model.mask_threshold
+        threshold = self.model.mask_threshold
+        upscaled = self.model.postprocess_masks(logits.float()[:, None], input_size, original_size)[:, 0]
+        masks = upscaled > threshold
+        stability = stability_scores(upscaled, threshold)
+        del upscaled
+        sam_masks = self.model.postprocess_masks(sam_logits.float()[:, None], input_size, original_size)[:, 0]
+        sam_masks = sam_masks > threshold
+        if min_region_area > 0:  # OpenCV's connected components run on the host
+            cleaned = remove_small_regions(masks.cpu().numpy(), min_region_area)
+            masks = torch.as_tensor(cleaned, device=sam_masks.device)
+        sam_hq_iou = paired_iou(masks, sam_masks).float()
         if self.on_device:  # only the bits cross to the host
             packed = packbits(masks).cpu().numpy()
         else:
@@ -318,6 +484,8 @@ class BoxRefiner:
             rows=rows,
             packed_masks=packed,
             scores=scores.float().cpu().numpy(),
+            stability=stability.cpu().numpy(),
+            sam_hq_iou=sam_hq_iou.cpu().numpy(),
             logits=logits.float().cpu().numpy() if with_logits else None,
         )
 
@@ -326,25 +494,40 @@ class BoxRefiner:
         images: Sequence[np.ndarray],
         boxes: Sequence[np.ndarray],
         *,
+        points: Sequence[np.ndarray] | None = None,
+        point_labels: Sequence[np.ndarray] | None = None,
+        mask_inputs: Sequence[np.ndarray] | None = None,
         hq_token_only: bool = False,
         multimask_output: bool = False,
         crop_zoom: float | None = None,
         crop_context: float = cz.DEFAULT_CONTEXT,
+        min_region_area: int = 0,
     ) -> list[Refinement]:
         """Refine each image's (N_i, 4) XYXY pixel boxes; images without boxes are not encoded.
 
-        With `crop_zoom` (e.g. 0.25), a box whose longer side is below `crop_zoom` x its image's
-        longer side is refined on a crop around it (margin `crop_context` x the box's longer side
-        each side, see `hqsam_core.crop_zoom`), resized to the model's input like any image, and its
-        mask pasted back at the image's size. Crops are encoded in batches of at most len(images).
+        Each box may come with points (`points[i]` (N_i, P, 2) XY pixels, `point_labels[i]` (N_i, P):
+        1 foreground, 0 background, -1 padding; the same P throughout a call) and a dense mask prompt
+        (`mask_inputs[i]` (N_i, 256, 256) low-res logits in the model's input frame, as the official
+        predictor's `mask_input`). `min_region_area` removes holes and islands smaller than that many
+        pixels from each mask (`hqsam_core.masks.remove_small_regions`).
+
+        With `crop_zoom` (e.g. 0.25; boxes alone), a box whose longer side is below `crop_zoom` x
+        its image's longer side is refined on a crop around it (margin `crop_context` x the box's
+        longer side each side, see `hqsam_core.crop_zoom`), resized to the model's input like any
+        image, and its mask pasted back at the image's size. Crops are encoded in batches of at most
+        len(images).
         """
         chunks = self.refine_chunks(
             images,
             boxes,
+            points=points,
+            point_labels=point_labels,
+            mask_inputs=mask_inputs,
             hq_token_only=hq_token_only,
             multimask_output=multimask_output,
             crop_zoom=crop_zoom,
             crop_context=crop_context,
+            min_region_area=min_region_area,
             with_logits=True,
         )
         sizes = [image.shape[:2] for image in images]
@@ -355,37 +538,51 @@ class BoxRefiner:
         images: Sequence[np.ndarray],
         boxes: Sequence[np.ndarray],
         *,
+        points: Sequence[np.ndarray] | None = None,
+        point_labels: Sequence[np.ndarray] | None = None,
+        mask_inputs: Sequence[np.ndarray] | None = None,
         hq_token_only: bool = False,
         multimask_output: bool = False,
         crop_zoom: float | None = None,
         crop_context: float = cz.DEFAULT_CONTEXT,
+        min_region_area: int = 0,
         with_logits: bool = False,
     ) -> Iterator[RefinedChunk]:
         """`refine`'s results as they are decoded, one `RefinedChunk` per decoder call and image
         (per zoomed box with `crop_zoom`), in no promised order: what a caller keeps of each is all
         that grows with the box count. Logits only `with_logits`."""
         boxes = _checked_boxes(images, boxes, crop_zoom)
-        options = {"hq_token_only": hq_token_only, "multimask_output": multimask_output}
+        extras = _checked_extras(boxes, points, point_labels, mask_inputs)
+        if crop_zoom is not None and any(extra is not None for extra in extras):
+            raise ValueError("crop_zoom refines box prompts only, not points or mask prompts")
+        options = {
+            "hq_token_only": hq_token_only,
+            "multimask_output": multimask_output,
+            "min_region_area": min_region_area,
+            "with_logits": with_logits,
+        }
 
         def whole(some_images: Sequence[np.ndarray], some_boxes: list[np.ndarray]) -> Iterator[RefinedChunk]:
-            return self._whole_chunks(some_images, some_boxes, with_logits=with_logits, **options)
+            return self._whole_chunks(some_images, some_boxes, extras, **options)
 
         if crop_zoom is None:
             return whole(images, boxes)
         return self._zoomed_chunks(images, boxes, crop_zoom, crop_context, whole)
 
     def _whole_chunks(
-        self, images: Sequence[np.ndarray], boxes: list[np.ndarray], *, with_logits: bool, **options
+        self,
+        images: Sequence[np.ndarray],
+        boxes: list[np.ndarray],
+        extras: tuple[list[np.ndarray] | None, ...] = (None, None, None),
+        **options,
     ) -> Iterator[RefinedChunk]:
         """Each image refined as a whole; images without boxes are not encoded."""
         with_boxes = [i for i, b in enumerate(boxes) if len(b)]
         features = self.encode([images[i] for i in with_boxes])
-        all_boxes = (
-            np.concatenate([boxes[i] for i in with_boxes]) if with_boxes else np.zeros((0, 4), np.float32)
+        prompts = PromptSet.of_images(
+            [boxes[i] for i in with_boxes], *[_select(e, with_boxes) for e in extras]
         )
-        image_index = np.repeat(np.arange(len(with_boxes)), [len(boxes[i]) for i in with_boxes])
-        prompts = _checked_prompts(all_boxes, image_index, len(with_boxes))
-        for chunk in self._decoded_chunks(features, *prompts, with_logits=with_logits, **options):
+        for chunk in self._decoded_chunks(features, prompts, **options):
             yield replace(chunk, image=with_boxes[chunk.image])
 
     def _zoomed_chunks(
@@ -423,17 +620,46 @@ def _checked_boxes(
     return [np.asarray(b, dtype=np.float32).reshape(-1, 4) for b in boxes]
 
 
-def _checked_prompts(
-    boxes: np.ndarray | torch.Tensor, image_index: np.ndarray | torch.Tensor, num_images: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, 4) float32 boxes and (N,) long image indexes; ValueError unless they match the images."""
-    boxes = torch.as_tensor(writable(boxes), dtype=torch.float32).reshape(-1, 4)
-    image_index = torch.as_tensor(writable(image_index), dtype=torch.long).reshape(-1)
-    if len(boxes) != len(image_index):
-        raise ValueError(f"{len(boxes)} boxes but {len(image_index)} image indexes")
-    if len(image_index) and (image_index.min() < 0 or image_index.max() >= num_images):
-        raise ValueError(f"image_index out of range for {num_images} encoded images")
-    return boxes, image_index
+def _checked_extras(
+    boxes: list[np.ndarray],
+    points: Sequence[np.ndarray] | None,
+    point_labels: Sequence[np.ndarray] | None,
+    mask_inputs: Sequence[np.ndarray] | None,
+) -> tuple[list[np.ndarray] | None, ...]:
+    """Per-image points, labels and mask prompts as arrays sized to each image's boxes."""
+    if (points is None) != (point_labels is None):
+        raise ValueError("points need their labels, and labels their points")
+    checked = []
+    for name, values, dtype, shape in (
+        ("points", points, np.float32, (2,)),
+        ("point_labels", point_labels, np.int64, ()),
+        ("mask_inputs", mask_inputs, np.float32, (256, 256)),
+    ):
+        if values is None:
+            checked.append(None)
+            continue
+        if len(values) != len(boxes):
+            raise ValueError(f"{len(boxes)} box arrays but {len(values)} {name} arrays")
+        arrays = [np.asarray(v, dtype) for v in values]
+        for b, array in zip(boxes, arrays):
+            if len(array) != len(b) or (len(b) and shape and array.shape[-len(shape) :] != shape):
+                raise ValueError(f"{name}: {len(b)} boxes but an array of shape {array.shape}")
+        checked.append(arrays)
+    if points is not None and len({a.shape[1] for a, b in zip(checked[0], boxes) if len(b)}) > 1:
+        raise ValueError("every box of one call needs the same number of points (pad with label -1)")
+    return tuple(checked)
+
+
+def _select(values: list[np.ndarray] | None, indexes: list[int]) -> list[np.ndarray] | None:
+    return None if values is None else [values[i] for i in indexes]
+
+
+def stability_scores(logits: torch.Tensor, threshold: float = 0.0, offset: float = 1.0) -> torch.Tensor:
+    """(N,) stability of (N, H, W) mask logits: IoU of the masks thresholded at threshold +- offset,
+    as segment_anything.utils.amg.calculate_stability_score (NaN where both are empty)."""
+    inner = (logits > threshold + offset).flatten(1).sum(1, dtype=torch.int32)
+    outer = (logits > threshold - offset).flatten(1).sum(1, dtype=torch.int32)
+    return inner.float() / outer.float()
 
 
 def _zoom_windows(
@@ -480,6 +706,8 @@ def _gather(
         result.packed_masks[chunk.rows] = chunk.packed_masks
         result.logits[chunk.rows] = chunk.logits
         result.scores[chunk.rows] = chunk.scores
+        result.stability[chunk.rows] = chunk.stability
+        result.sam_hq_iou[chunk.rows] = chunk.sam_hq_iou
         if crops:
             result.crops[chunk.rows] = chunk.crops
     return results
@@ -493,6 +721,8 @@ def _blank_refinement(count: int, size: tuple[int, int], crops: bool = False) ->
         width=width,
         logits=np.zeros((count, 256, 256), dtype=np.float32),
         scores=np.zeros((count,), dtype=np.float32),
+        stability=np.zeros((count,), dtype=np.float32),
+        sam_hq_iou=np.zeros((count,), dtype=np.float32),
         crops=np.full((count, 4), -1, dtype=np.int64) if crops else None,
     )
 
@@ -540,14 +770,6 @@ def _compile_target(option: bool | str | None) -> str | None:
     if option in COMPILE_TARGETS:
         return option
     raise ValueError(f"compile must be a bool or one of {', '.join(COMPILE_TARGETS)}, got {option!r}")
-
-
-def _pad_rows(boxes: torch.Tensor, index: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad a chunk to `size` rows with copies of its last row (keeps image indexes sorted)."""
-    missing = size - len(boxes)
-    if missing <= 0:
-        return boxes, index
-    return torch.cat([boxes, boxes[-1:].expand(missing, 4)]), torch.cat([index, index[-1:].expand(missing)])
 
 
 def _uploaded(image: np.ndarray, device: torch.device) -> torch.Tensor:

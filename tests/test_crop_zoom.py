@@ -107,7 +107,7 @@ def test_refine_plumbing_with_a_model_that_draws_its_boxes(monkeypatch) -> None:
     zoomed box must come back drawn at its original place in the full image."""
     calls = []
 
-    def fake_whole_chunks(images, boxes, *, with_logits, **options):
+    def fake_whole_chunks(images, boxes, extras=None, *, with_logits, **options):
         calls.append(([image.copy() for image in images], [b.copy() for b in boxes]))
         for index, (image, b) in enumerate(zip(images, boxes)):
             result = Refinement.from_masks(
@@ -116,7 +116,8 @@ def test_refine_plumbing_with_a_model_that_draws_its_boxes(monkeypatch) -> None:
                 scores=np.full(len(b), image.shape[0] * 10000 + image.shape[1], np.float32),
             )
             rows = np.arange(len(b))
-            yield RefinedChunk(index, rows, result.packed_masks, result.scores, result.logits)
+            quality = np.ones(len(b), np.float32)
+            yield RefinedChunk(index, rows, result.packed_masks, result.scores, quality, quality, result.logits)
 
     refiner = BoxRefiner(small_vit_hqsam())
     monkeypatch.setattr(refiner, "_whole_chunks", fake_whole_chunks)
