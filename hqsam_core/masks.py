@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import orjson
 from pycocotools import mask as mask_utils
 
 # Input geometry is checked before pycocotools sees it: its C code trusts its input, and a polygon
@@ -139,6 +140,17 @@ def segmentation_to_mask(segmentation: Any, height: int, width: int) -> np.ndarr
             raise ValueError(f"RLE size {segmentation['size']} does not match image size {[height, width]}")
         return decode_rle(segmentation)
     raise ValueError(f"unsupported COCO segmentation of type {type(segmentation).__name__}")
+
+
+def segmentation_json_to_mask(text: str, height: int, width: int) -> np.ndarray | None:
+    """The (height, width) bool mask of a COCO segmentation given as JSON text; None when there is
+    none ("") or it cannot be read."""
+    if not text:
+        return None
+    try:
+        return segmentation_to_mask(orjson.loads(text), height, width)
+    except (ValueError, TypeError, orjson.JSONDecodeError):
+        return None
 
 
 def mask_to_bbox(mask: np.ndarray) -> list[float]:

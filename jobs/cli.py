@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 import typer
 
-from hqsam.jobs import evaluate, manifest, predict, preview, refine, train
+from hqsam.jobs import apply, evaluate, manifest, predict, refine, review, train
 from hqsam.jobs.jobs_commands import jobs_app
 from hqsam.jobs.options import HqsamCommand, HqsamGroup
 
@@ -85,7 +85,8 @@ def main(
 for command in (
     predict.predict,
     refine.refine,
-    preview.preview,
+    review.review,
+    apply.apply,
     train.train,
     train.export,
     evaluate.evaluate,

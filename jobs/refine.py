@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
+from hqsam.hqsam_core.acceptance import HELP as ACCEPTANCE_HELP
 from hqsam.jobs.options import (
     ADDRESS_OPTION,
     CHECKPOINT_OPTION,
@@ -35,6 +36,12 @@ class OutputFormat(str, enum.Enum):
     coco = "coco"
 
 
+class Prompt(str, enum.Enum):
+    box = "box"
+    box_points = "box+points"
+    box_mask = "box+mask"
+
+
 class BoxSource(str, enum.Enum):
     bbox = "bbox"
     segmentation = "segmentation"
@@ -50,6 +57,17 @@ FORMAT_HELP = "parquet: OUT/rows/part-*.parquet; coco: also OUT/annotations.json
 BOX_SOURCE_HELP = "Prompt with the annotation's bbox, or with the tight box of its segmentation."
 CROP_ZOOM_HELP = (
     "Refine boxes whose long side is under this share of the image's on a zoomed crop (e.g. 0.25)."
+)
+PROMPT_HELP = (
+    "box: the box alone. box+points: then --prompt-rounds rounds of up to --prompt-points points "
+    "where the mask and the original disagree (positive where only the original covers), "
+    "--prompt-trials draws averaged; seeded per annotation, so reruns give the same masks. "
+    "box+mask: the box with the original mask as SAM's mask prompt. An annotation without a "
+    "readable mask gets its box alone (its row's prompt says so)."
+)
+MIN_REGION_AREA_HELP = (
+    "Remove islands and fill holes under N pixels in every refined mask (as SAM's automatic mask "
+    "generator does); every output and quality column sees the cleaned mask."
 )
 MAX_PROMPTS_HELP = "Boxes per decoder call: bounds decoder memory (default: 64 on CUDA, 16 on CPU)."
 ACTORS_HELP = "Refine actors MIN[:MAX]; with MAX > MIN an autoscaler may add GPU nodes."
@@ -68,6 +86,16 @@ COMPILE_OPTION = typer.Option(
     False, "--compile", help="torch.compile the decoder; the first batch pays for it."
 )
 CROP_ZOOM_OPTION = typer.Option(None, "--crop-zoom", min=0.0, max=1.0, help=CROP_ZOOM_HELP)
+PROMPT_OPTION = typer.Option(Prompt.box, "--prompt", help=PROMPT_HELP)
+PROMPT_ROUNDS_OPTION = typer.Option(1, "--prompt-rounds", min=1, max=10, help="box+points: rounds (K).")
+PROMPT_POINTS_OPTION = typer.Option(
+    2, "--prompt-points", min=1, max=32, help="box+points: points per round (P)."
+)
+PROMPT_TRIALS_OPTION = typer.Option(
+    3, "--prompt-trials", min=1, max=16, help="box+points: draws averaged (T)."
+)
+MIN_REGION_AREA_OPTION = typer.Option(0, "--min-region-area", min=0, metavar="N", help=MIN_REGION_AREA_HELP)
+ACCEPT_OPTION = typer.Option(None, "--accept", metavar="EXPR", help=ACCEPTANCE_HELP)
 MAX_PROMPTS_OPTION = typer.Option(None, "--max-prompts", min=1, help=MAX_PROMPTS_HELP)
 THREADS_OPTION = typer.Option(None, "--threads", min=1, help="Torch threads per actor on CPU.")
 IMAGES_PER_FILE_OPTION = typer.Option(
@@ -124,6 +152,12 @@ def refine(
     precision: Precision | None = PRECISION_OPTION,
     compile: bool = COMPILE_OPTION,
     crop_zoom: float | None = CROP_ZOOM_OPTION,
+    prompt: Prompt = PROMPT_OPTION,
+    prompt_rounds: int = PROMPT_ROUNDS_OPTION,
+    prompt_points: int = PROMPT_POINTS_OPTION,
+    prompt_trials: int = PROMPT_TRIALS_OPTION,
+    min_region_area: int = MIN_REGION_AREA_OPTION,
+    accept: str | None = ACCEPT_OPTION,
     max_prompts: int | None = MAX_PROMPTS_OPTION,
     threads: int | None = THREADS_OPTION,
     images_per_file: int = IMAGES_PER_FILE_OPTION,
@@ -138,30 +172,53 @@ def refine(
     detach: bool = DETACH_OPTION,
     forward_env: list[str] = FORWARD_ENV_OPTION,
 ) -> None:
-    """Refine every annotation of a dataset with box-prompted HQ-SAM; one output row per input annotation.
+    """Refine every annotation of a dataset with HQ-SAM; one output row per input annotation.
 
     Every annotation ends as exactly one row with a status: ok, image_missing, image_unreadable,
     image_size_mismatch, invalid_box, crowd_skipped or inference_failed. A summary is printed and
-    written to OUT/summary.json.
+    written to OUT/summary.json. Each ok row is rated (stability, sam_hq_iou, change against the
+    original) and judged by the --accept policy: --format coco takes the refined mask only where it is
+    accepted; `hqsam review` and `hqsam apply` let a person decide the rest.
 
     A dry run without the official weights: --checkpoint random (random weights of one fixed seed).
     Their masks are MEANINGLESS; every row's model says so (vit_tiny:random, not
     vit_tiny:sha256=<12 hex>), and --format coco takes --overwrite.
     """
     options = dict(locals())  # the parsed options by name, for refine_config
-    from hqsam.pipeline.refine_run import refuse_meaningless_coco, run_refine
+    from hqsam.pipeline.refine_run import run_refine
     from hqsam.pipeline.refine_summary import exit_code
     from hqsam.pipeline.submission import submit_if_requested
 
-    if crop_zoom is not None and not 0 < crop_zoom <= 1:
-        fail(f"--crop-zoom {crop_zoom} is outside (0, 1]: give the share of the image's long side, e.g. 0.25")
-    refuse_meaningless_coco(checkpoint, format.value, overwrite)  # here too: before a job is submitted
+    check_options(options)
     submit_if_requested(ctx, address, detach, forward_env)
     config = refine_config(options)
     warn_if_random_weights(checkpoint)
     summary = run_refine(config, progress=progress)
     report(summary)
     raise typer.Exit(exit_code(summary))
+
+
+def check_options(options: dict[str, Any]) -> None:
+    """Exit 2 on options that cannot work together, before anything runs or a job is submitted."""
+    from hqsam.pipeline.refine_run import refuse_meaningless_coco
+
+    crop_zoom, prompt = options["crop_zoom"], options["prompt"]
+    if crop_zoom is not None and not 0 < crop_zoom <= 1:
+        fail(f"--crop-zoom {crop_zoom} is outside (0, 1]: give the share of the image's long side, e.g. 0.25")
+    if crop_zoom is not None and prompt != Prompt.box:
+        fail(f"--crop-zoom refines box prompts only; --prompt {prompt.value} refines on the whole image")
+    parse_policy(options["accept"])
+    refuse_meaningless_coco(options["checkpoint"], options["format"].value, options["overwrite"])
+
+
+def parse_policy(text: str | None):
+    """The --accept policy (the default when none is given); exit 2 naming the bad token."""
+    from hqsam.hqsam_core.acceptance import DEFAULT_POLICY, AcceptancePolicy, PolicyError
+
+    try:
+        return AcceptancePolicy.parse(DEFAULT_POLICY if text is None else text)
+    except PolicyError as error:
+        fail(str(error))
 
 
 def warn_if_random_weights(checkpoint: str | None) -> None:
@@ -196,6 +253,12 @@ def refine_config(options: dict[str, Any]) -> RefineConfig:
         precision=precision and precision.value,
         compile=options["compile"],
         crop_zoom=options["crop_zoom"],
+        prompt=options["prompt"].value,
+        prompt_rounds=options["prompt_rounds"],
+        prompt_points=options["prompt_points"],
+        prompt_trials=options["prompt_trials"],
+        min_region_area=options["min_region_area"],
+        accept=parse_policy(options["accept"]).text,
         images_per_file=options["images_per_file"],
     )
     return RefineConfig(

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-import orjson
 
-from hqsam.hqsam_core.masks import encode_rles, rle_area, rle_bbox, segmentation_to_mask
+from hqsam.hqsam_core.masks import encode_rles, rle_area, rle_bbox, segmentation_json_to_mask
 from hqsam.hqsam_core.metrics import mask_and_boundary_ious
 from hqsam.hqsam_core.refiner import unpack_masks
 from hqsam.pipeline.stage import Row, Stage
@@ -57,13 +56,10 @@ def _compare_with_originals(row: Row, ok: list[int], refined: np.ndarray, height
     `refined[position]` is annotation `ok[position]`'s mask."""
     positions, originals = [], []
     for position, k in enumerate(ok):
-        if not row["segmentations"][k]:
-            continue
-        try:
-            originals.append(segmentation_to_mask(orjson.loads(row["segmentations"][k]), height, width))
+        original = segmentation_json_to_mask(row["segmentations"][k], height, width)
+        if original is not None:  # an unreadable input mask leaves the comparison empty, not the refinement
+            originals.append(original)
             positions.append(position)
-        except (ValueError, TypeError, orjson.JSONDecodeError):
-            pass  # an unreadable input mask leaves the comparison empty, not the refinement
     if positions:
         ours, theirs = refined[positions], np.stack(originals)
         keys = [ok[position] for position in positions]

@@ -9,6 +9,7 @@ stay in Ray's object store, where the source's filter (pipeline/task_source.py) 
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -18,9 +19,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from hqsam.hqsam_core import storage
+from hqsam.hqsam_core.acceptance import summary_counts
 from hqsam.pipeline.read_refined import part_files
 from hqsam.pipeline.stream_coco import StreamedManifest
 from hqsam.pipeline.task_source import first_positions
+from hqsam.schemas.refined import REFINED_ANNOTATION
+
+VERDICT_COLUMNS = ("category_id", "accepted", "rejected_by")
 
 
 @dataclass
@@ -31,6 +36,28 @@ class OutTally:
     unwritten_rows: int = 0  # task rows none of whose annotations is in OUT yet
     unwritten_annotations: int = 0
     unwritten_images: int = 0
+    # the acceptance policy's verdicts on the written ok annotations (hqsam_core/acceptance.py)
+    accepted: int = 0
+    rejected: int = 0
+    rejected_by_clause: dict[str, int] = field(default_factory=dict)
+    by_category: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def add_verdicts(self, rows: pa.Table) -> None:
+        """Count the verdicts of these rows (category_id, accepted, rejected_by); unjudged rows
+        (not ok, or written before the policy existed) count in neither."""
+        judged = rows.filter(pc.is_valid(rows["accepted"]))
+        if not judged.num_rows:
+            return
+        counts = summary_counts(
+            judged["accepted"].to_numpy(zero_copy_only=False),
+            judged["rejected_by"].to_pylist(),
+            judged["category_id"].to_pylist(),
+        )
+        self.accepted += counts["accepted"]
+        self.rejected += counts["rejected"]
+        _add(self.rejected_by_clause, counts["rejected_by_clause"])
+        for category, verdicts in counts["by_category"].items():
+            _add(self.by_category.setdefault(category, {"accepted": 0, "rejected": 0}), verdicts)
 
     @classmethod
     def nothing_written(cls, tasks: StreamedManifest) -> OutTally:
@@ -59,18 +86,23 @@ def count_out(parts: list[str], out: str, positions: int) -> tuple[OutTally, np.
     written = np.zeros(positions, bool)
     statuses: Counter = Counter()
     repeated = 0
+    verdicts = OutTally()
     for part in part_files(out):
-        rows = _read(part, ["ann_index", "status"])
+        rows = _read(part, ["ann_index", "status", *VERDICT_COLUMNS])
         index = rows["ann_index"].to_numpy()
         ours = (index >= 0) & (index < positions)
         ours[ours] = member[index[ours]]
-        index, status = index[ours], rows["status"].filter(pa.array(ours))
+        index, rows = index[ours], rows.filter(pa.array(ours))
         unique, first = np.unique(index, return_index=True)
         fresh = first[~written[unique]]
         repeated += len(index) - len(fresh)
-        statuses.update(status.take(pa.array(fresh)).to_pylist())
+        firsts = rows.take(pa.array(fresh))
+        statuses.update(firsts["status"].to_pylist())
+        verdicts.add_verdicts(firsts.select(list(VERDICT_COLUMNS)))
         written[index[fresh]] = True
-    tally = OutTally(int(written.sum()), dict(sorted(statuses.items())), repeated)
+    tally = dataclasses.replace(
+        verdicts, written=int(written.sum()), statuses=dict(sorted(statuses.items())), repeated=repeated
+    )
     for part in parts:
         _count_unwritten(_read(part, ["image_id", "ann_indices"]), written, tally)
     return tally, np.packbits(written, bitorder="little")
@@ -88,5 +120,20 @@ def _count_unwritten(tasks: pa.Table, written: np.ndarray, tally: OutTally) -> N
 
 
 def _read(uri: str, columns: list[str]) -> pa.Table:
+    """The columns of a Parquet file; those a part written before they existed lacks, as nulls."""
     fs, path = storage.url_to_fs(uri)
-    return pq.read_table(path, columns=columns, filesystem=fs)
+    with fs.open(path, "rb") as file:
+        parquet = pq.ParquetFile(file)
+        present = [name for name in columns if name in parquet.schema_arrow.names]
+        table = parquet.read(columns=present)
+    for name in columns:
+        if name not in present:
+            table = table.append_column(
+                REFINED_ANNOTATION.field(name), pa.nulls(table.num_rows, REFINED_ANNOTATION.field(name).type)
+            )
+    return table.select(columns)
+
+
+def _add(total: dict[str, int], counts: dict[str, int]) -> None:
+    for key, n in counts.items():
+        total[key] = total.get(key, 0) + n

@@ -40,16 +40,35 @@ def old_layout_parts(out: str) -> list[str]:
 
 def refined_parts(uri: str) -> list[str]:
     """The part files of a refine output given as OUT, as OUT/rows itself, or as an OUT of the old
-    layout (parts directly in it): for readers of a finished output (preview, train, evaluate)."""
+    layout (parts directly in it): for readers of a finished output (review, apply, train, evaluate)."""
     return part_files(uri) or storage.list_files(uri, PART_PATTERN)
 
 
-def read_part_files(uris: list[str], columns: list[str]) -> pa.Table:
-    """The given columns of these part files, as one table."""
+def with_columns(table: pa.Table, columns: list[str]) -> pa.Table:
+    """`table` with `columns` in that order; one that a part written before the column existed
+    lacks (`prompt`, `stability`, `accepted`, ...) comes as nulls of its declared type, so that an
+    older OUT reads like a new one whose rows have no such value."""
+    for name in columns:
+        if name not in table.column_names:
+            declared = REFINED_ANNOTATION.field(name)
+            table = table.append_column(declared, pa.nulls(table.num_rows, declared.type))
+    return table.select(columns)
+
+
+def present(schema: pa.Schema, columns: list[str]) -> list[str]:
+    """The `columns` that a part of this schema holds (pyarrow refuses to read absent ones)."""
+    return [name for name in columns if name in schema.names]
+
+
+def read_part_files(uris: list[str], columns: list[str], filters=None) -> pa.Table:
+    """The given columns of these part files, as one table (`filters` as pq.read_table takes them);
+    columns a part lacks are null."""
     tables = []
     for uri in uris:
         fs, path = storage.url_to_fs(uri)
-        tables.append(pq.read_table(path, columns=columns, filesystem=fs))
+        schema = pq.read_schema(path, filesystem=fs)
+        table = pq.read_table(path, columns=present(schema, columns), filesystem=fs, filters=filters)
+        tables.append(with_columns(table, columns))
     if not tables:
         return REFINED_ANNOTATION.empty_table().select(columns)
     return pa.concat_tables(tables)

@@ -1,22 +1,49 @@
-"""Stage (GPU when present): refine every pending box with HQ-SAM, images batched with all their boxes."""
+"""Stage (GPU when present): refine every pending annotation with HQ-SAM, images batched with all
+their prompts; each mask rated (stability, agreement with SAM) and cleaned (--min-region-area)."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from hqsam.hqsam_core.errors import one_line
+from hqsam.hqsam_core.masks import segmentation_json_to_mask
 from hqsam.pipeline.stage import Row, Stage
 from hqsam.schemas.status import Status
 
 if TYPE_CHECKING:
     from hqsam.pipeline.refine_pipeline import RefineSettings
 
-# One image's refined pending boxes: (N, ceil(H*W/8)) uint8 packed masks and (N,) float32 scores.
-Refined = tuple[np.ndarray, np.ndarray]
+
+@dataclass
+class Refined:
+    """One image's refined pending annotations, in order."""
+
+    packed_masks: np.ndarray  # (N, ceil(H*W/8)) uint8
+    scores: np.ndarray  # (N,) float32
+    stability: np.ndarray  # (N,) float32
+    sam_hq_iou: np.ndarray  # (N,) float32
+    prompt_kinds: list[str]
+
+    @classmethod
+    def blank(cls, count: int, height: int, width: int) -> Refined:
+        return cls(
+            np.zeros((count, -(-height * width // 8)), np.uint8),
+            *(np.zeros(count, np.float32) for _ in range(3)),
+            prompt_kinds=[""] * count,
+        )
+
+    def take(self, chunk) -> None:
+        """A refiner chunk's results into their rows."""
+        self.packed_masks[chunk.rows] = chunk.packed_masks
+        self.scores[chunk.rows] = chunk.scores
+        self.stability[chunk.rows] = chunk.stability
+        self.sam_hq_iou[chunk.rows] = chunk.sam_hq_iou
+
 
 # Host memory a refine actor needs (weights, activations); asking for it also keeps Ray from
 # fusing the IO and decode stages into the refine actor.
@@ -32,8 +59,8 @@ class RefineMasks(Stage):
     the error; a batch that fails is retried image by image, so a bad image fails alone.
     """
 
-    reads = ("pixels", "prompts", "statuses", "errors")
-    adds = ("packed_masks", "scores")
+    reads = ("pixels", "prompts", "statuses", "errors", "segmentations", "ann_indices")
+    adds = ("packed_masks", "scores", "stabilities", "sam_hq_ious", "prompt_kinds")
     drops = ("pixels",)
     on_actor = True
 
@@ -81,8 +108,12 @@ class RefineMasks(Stage):
 
     def process(self, rows: list[Row]) -> list[Row]:
         for row in rows:
+            count = len(row["statuses"])
             row["statuses"], row["errors"] = list(row["statuses"]), list(row["errors"])
-            row["packed_masks"], row["scores"] = NO_MASKS, [math.nan] * len(row["statuses"])
+            row["packed_masks"], row["scores"] = NO_MASKS, [math.nan] * count
+            row["stabilities"] = np.full(count, np.nan, np.float32)
+            row["sam_hq_ious"] = np.full(count, np.nan, np.float32)
+            row["prompt_kinds"] = [""] * count
         work = [row for row in rows if Status.PENDING in row["statuses"]]
         for row, result in self._refine_isolating_failures(work):
             statuses, errors = row["statuses"], row["errors"]
@@ -91,9 +122,12 @@ class RefineMasks(Stage):
                 for k in pending:
                     statuses[k], errors[k] = Status.INFERENCE_FAILED, one_line(result)
                 continue
-            row["packed_masks"], scores = result  # one row per pending, now ok, annotation
+            row["packed_masks"] = result.packed_masks  # one row per pending, now ok, annotation
             for position, k in enumerate(pending):
-                row["scores"][k] = float(scores[position])
+                row["scores"][k] = float(result.scores[position])
+                row["stabilities"][k] = result.stability[position]
+                row["sam_hq_ious"][k] = result.sam_hq_iou[position]
+                row["prompt_kinds"][k] = result.prompt_kinds[position]
                 statuses[k] = Status.OK
         for row in rows:
             for name in self.drops:  # what the declaration says, so the two cannot part
@@ -113,21 +147,33 @@ class RefineMasks(Stage):
                 yield row, result
 
     def _refine(self, rows: list[Row]) -> list[Refined]:
-        """Each row's packed masks and scores of its pending boxes, in order. The refiner hands each
+        """Each row's results for its pending annotations, in order. The refiner hands each
         decoder chunk's masks over already packed, so only packed masks add up, not full-size ones."""
-        boxes = [
-            np.asarray(row["prompts"], np.float32)[[s == Status.PENDING for s in row["statuses"]]]
-            for row in rows
-        ]
+        from hqsam.hqsam_core.guided import refine_guided
+
+        settings, guidance = self.settings, self.settings.guidance
+        pending = [[s == Status.PENDING for s in row["statuses"]] for row in rows]
+        boxes = [np.asarray(row["prompts"], np.float32)[chosen] for row, chosen in zip(rows, pending)]
         pixels = [row["pixels"] for row in rows]
-        packed = [
-            np.zeros((len(b), -(-p.shape[0] * p.shape[1] // 8)), np.uint8) for p, b in zip(pixels, boxes)
-        ]
-        scores = [np.zeros(len(b), np.float32) for b in boxes]
-        chunks = self.refiner.refine_chunks(
-            pixels, boxes, hq_token_only=self.settings.hq_token_only, crop_zoom=self.settings.crop_zoom
-        )
+        results = [Refined.blank(len(b), *p.shape[:2]) for p, b in zip(pixels, boxes)]
+        options = {"hq_token_only": settings.hq_token_only, "min_region_area": settings.min_region_area}
+        if guidance.prompt == "box":
+            chunks = self.refiner.refine_chunks(pixels, boxes, crop_zoom=settings.crop_zoom, **options)
+            for result in results:
+                result.prompt_kinds = [guidance.prompt] * len(result.prompt_kinds)
+        else:
+            originals = [
+                [
+                    segmentation_json_to_mask(text, *p.shape[:2])
+                    for text, chosen in zip(row["segmentations"], row_pending)
+                    if chosen
+                ]
+                for row, p, row_pending in zip(rows, pixels, pending)
+            ]
+            keys = [np.asarray(row["ann_indices"])[chosen] for row, chosen in zip(rows, pending)]
+            for result, masks in zip(results, originals):
+                result.prompt_kinds = [guidance.kind(mask is not None) for mask in masks]
+            chunks = refine_guided(self.refiner, pixels, boxes, originals, keys, guidance, **options)
         for chunk in chunks:
-            packed[chunk.image][chunk.rows] = chunk.packed_masks
-            scores[chunk.image][chunk.rows] = chunk.scores
-        return list(zip(packed, scores))
+            results[chunk.image].take(chunk)
+        return results

@@ -1,13 +1,16 @@
 """The refinement chain: source -> ReadImages -> DecodeImages -> RefineMasks -> EncodeMasks ->
-WriteParquetParts. The same list of stages runs under Ray Data (`build_refine_dataset`) and in
+JudgeRows -> WriteParquetParts. The same list of stages runs under Ray Data (`build_refine_dataset`) and in
 one process (`pipeline.stage.run_local`: tests, benchmarks)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from hqsam.hqsam_core.acceptance import DEFAULT_POLICY
+from hqsam.hqsam_core.guided import Guidance
 from hqsam.pipeline.decode_images import DecodeImages
 from hqsam.pipeline.encode_masks import EncodeMasks
+from hqsam.pipeline.judge_rows import JudgeRows
 from hqsam.pipeline.read_images import ReadImages
 from hqsam.pipeline.refine_masks import RefineMasks
 from hqsam.pipeline.stage import Stage, apply_ray
@@ -30,10 +33,21 @@ class RefineSettings:
     precision: str | None = None  # fp32 | bf16 | fp16; None: bf16 on CUDA, fp32 on CPU
     compile: bool = False  # torch.compile the decoder (first batch pays the compile)
     crop_zoom: float | None = None  # refine boxes smaller than this share of the image on a zoomed crop
+    # the prompts (hqsam_core/guided.py): box, box+points (rounds, points, trials) or box+mask
+    prompt: str = "box"
+    prompt_rounds: int = 1
+    prompt_points: int = 2
+    prompt_trials: int = 3
+    min_region_area: int = 0  # holes and islands under this many pixels are removed from each mask
+    accept: str = DEFAULT_POLICY  # the acceptance policy (hqsam_core/acceptance.py)
     images_per_file: int = 512
     # Every output row's `model`: the variant and its weights (run_identity.weights_label), e.g.
     # vit_tiny:sha256=<12 hex> or vit_tiny:random; None writes the variant alone.
     model_label: str | None = None
+
+    @property
+    def guidance(self) -> Guidance:
+        return Guidance(self.prompt, self.prompt_rounds, self.prompt_points, self.prompt_trials)
 
     @property
     def model_column(self) -> str:
@@ -48,6 +62,7 @@ def refine_stages(out: str, settings: RefineSettings) -> list[Stage]:
         DecodeImages(settings.box_source),
         RefineMasks(settings),
         EncodeMasks(),
+        JudgeRows(settings.accept),
         WriteParquetParts(out, settings.model_column, settings.images_per_file),
     ]
 

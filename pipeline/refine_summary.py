@@ -41,6 +41,16 @@ def account(
         "errors": {status: n for status, n in sorted(after.statuses.items()) if status != Status.OK},
         "error_rate": failed / annotations_total if annotations_total else 0.0,
         "max_error_rate": config.max_error_rate,
+        "acceptance": {
+            "policy": settings.accept,
+            "accepted": after.accepted,
+            "rejected": after.rejected,
+            # the clause that rejects most first: what a user looks at
+            "rejected_by_clause": dict(
+                sorted(after.rejected_by_clause.items(), key=lambda kv: (-kv[1], kv[0]))
+            ),
+            "by_category": dict(sorted(after.by_category.items(), key=lambda kv: _category_order(kv[0]))),
+        },
         "annotations_written_twice": after.repeated,
         "duplicate_annotation_ids": tasks.duplicate_annotation_ids,
         "images_total": tasks.images,
@@ -72,6 +82,7 @@ def summary_lines(summary: dict) -> list[str]:
         ("annotations", summary["annotations_total"]),
         ("refined ok", summary["annotations_ok"]),
         *((f"  {status}", n) for status, n in summary["errors"].items()),
+        *_acceptance_lines(summary.get("acceptance")),
         ("images", summary["images_total"]),
         ("images resumed", summary["images_resumed"]),
         ("wall time", f"{summary['wall_time_s']:.1f} s"),
@@ -83,6 +94,25 @@ def summary_lines(summary: dict) -> list[str]:
     ]
     width = max(len(label) for label, _ in rows)
     return [f"{label:<{width}}  {value}" for label, value in rows]
+
+
+def _acceptance_lines(acceptance: dict | None) -> list[tuple[str, str]]:
+    """The policy's verdicts: how many refined masks replace their originals, and why not."""
+    if not acceptance or not acceptance["accepted"] + acceptance["rejected"]:
+        return []
+    lines = [
+        ("accepted", f"{acceptance['accepted']} (policy: {acceptance['policy']})"),
+        ("rejected", f"{acceptance['rejected']} (the original mask is kept)"),
+    ]
+    return lines + [(f"  by {clause}", str(n)) for clause, n in acceptance["rejected_by_clause"].items()]
+
+
+def _category_order(key: str) -> tuple[int, float | str]:
+    """Category ids in numeric order, anything else after them."""
+    try:
+        return 0, float(key)
+    except ValueError:
+        return 1, key
 
 
 def _integrity_lines(summary: dict) -> list[tuple[str, str]]:

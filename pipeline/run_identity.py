@@ -57,6 +57,16 @@ def run_identity(
         "box_source": settings.box_source,
         "hq_token_only": settings.hq_token_only,
         "crop_zoom": settings.crop_zoom,
+    } | _non_default_settings(settings)
+
+
+def _non_default_settings(settings: RefineSettings) -> dict:
+    """The prompt, cleaning and policy settings where they differ from the defaults, so that an OUT
+    written before they existed resumes under the defaults."""
+    defaults = RefineSettings(variant="", checkpoint="", hq_head=None, device="")
+    names = ("prompt", "prompt_rounds", "prompt_points", "prompt_trials", "min_region_area", "accept")
+    return {
+        name: getattr(settings, name) for name in names if getattr(settings, name) != getattr(defaults, name)
     }
 
 

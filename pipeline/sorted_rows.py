@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from hqsam.hqsam_core import storage
-from hqsam.pipeline.read_refined import read_part_files
+from hqsam.pipeline.read_refined import present, read_part_files, with_columns
 
 SORT_KEY = "ann_index"
 FAN_IN = 64  # parts open at once
@@ -131,11 +131,12 @@ def _part_batches(uri: str, columns: list[str]) -> Iterator[pa.Table]:
     fs, path = storage.url_to_fs(uri)
     with fs.open(path, "rb") as handle:
         part = pq.ParquetFile(handle, buffer_size=READ_BUFFER, pre_buffer=False)
+        held = present(part.schema_arrow, columns)  # a part older than a column reads it as nulls
         if _declared_sorted(part.metadata):  # a row group at a time: no reader state held between
             for group in range(part.num_row_groups):
-                yield part.read_row_group(group, columns=columns, use_threads=False)
+                yield with_columns(part.read_row_group(group, columns=held, use_threads=False), columns)
         else:
-            table = part.read(columns=columns, use_threads=False)
+            table = with_columns(part.read(columns=held, use_threads=False), columns)
             yield table.take(pc.sort_indices(table[SORT_KEY]))  # stable: equal positions keep their order
 
 

@@ -6,6 +6,12 @@ it, so values read exactly as in the file parsed whole), its top-level keys in f
 OUT's rows come merged from its parts in input order (pipeline/sorted_rows.py). A file orjson
 cannot read but Python's json can (NaN, Infinity, integers beyond 64 bits) or a top-level key
 written twice (a parsed dict keeps the last) is read whole instead, as before streaming.
+
+Which mask an annotation gets: the refined one when its row is ok and accepted, by a person's
+decision (`hqsam apply --decisions`, ann_index -> accept) or, without one, by the acceptance
+policy's verdict (the row's `accepted`; null in an OUT written before the policy, taken as
+accepted); otherwise the original, as it was. The decisions are the only thing held besides the
+walk and the merge: one dict entry per decision a person made.
 """
 
 from __future__ import annotations
@@ -13,7 +19,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterator, Mapping
 from typing import IO
 
 import numpy as np
@@ -37,6 +44,7 @@ RESULT_COLUMNS = [
     "score",
     "iou_vs_original",
     "boundary_iou_vs_original",
+    "accepted",
     "status",
     "error",
     "model",
@@ -57,30 +65,76 @@ class _Whole(Exception):
     """Streaming cannot give what the file parsed whole gives: write it from the whole file."""
 
 
-def write_coco(annotations_uri: str, out: str, *, only_processed_images: bool = False) -> str:
-    """Write OUT/annotations.json from the input file and OUT's part files; returns its URI.
+def write_coco(
+    annotations_uri: str,
+    out: str,
+    *,
+    only_processed_images: bool = False,
+    decisions: Mapping[int, bool] | None = None,
+    to: str | None = None,
+    tally: Counter | None = None,
+) -> str:
+    """Write OUT/annotations.json (or `to`) from the input file and OUT's part files; returns its URI.
 
-    Refined annotations get the new RLE, with `area` and `bbox` taken from it, and an `hqsam`
-    object; failed ones keep their original segmentation. Unknown fields are kept. A row goes to
-    the annotation at its position in the file (ids may repeat), which must be on the row's image.
+    Accepted rows (see the module's docstring; `decisions` maps ann_index -> accept, a person's
+    word over the policy's) give their annotation the refined RLE, with `area` and `bbox` taken from
+    it; the others keep their original segmentation, bbox and area. Every annotation with a row gets
+    an `hqsam` object, with `accepted` and `decided_by` ("policy" or "person"). Unknown fields are
+    kept. A row goes to the annotation at its position in the file (ids may repeat), which must be
+    on the row's image. `tally`, when given, counts the rows by (decided_by, accepted), the rows
+    that are not ok as ("status", False).
     """
     parts = part_files(out)
     processed = image_ids(parts) if only_processed_images else None
     name = storage.redact(annotations_uri)
-    uri = f"{out.rstrip('/')}/annotations.json"
+    uri = to or f"{out.rstrip('/')}/annotations.json"
+    verdicts = _Verdicts(decisions or {}, tally)
     with storage.atomic_writer(uri) as handle:
         try:
-            _write_streamed(handle, annotations_uri, parts, processed, name)
+            _write_streamed(handle, annotations_uri, parts, processed, name, verdicts)
         except _Whole:
             handle.seek(0)
             handle.truncate()
-            _write(handle, storage.read_json(annotations_uri), _rows(parts), processed, name)
+            verdicts.reset()
+            coco = storage.read_json(annotations_uri)
+            _write(handle, coco, _rows(parts), processed, name, verdicts)
     return uri
 
 
-def _write_streamed(handle: IO[bytes], uri: str, parts: list[str], processed, name: str) -> None:
+class _Verdicts:
+    """Whether a row's refined mask is taken, and who said so; counted into `tally`."""
+
+    def __init__(self, decisions: Mapping[int, bool], tally: Counter | None) -> None:
+        self.decisions, self.tally = decisions, tally
+        self.counted: Counter = Counter()
+
+    def of(self, row: dict) -> tuple[bool, str]:
+        if row["status"] != Status.OK:
+            verdict = (False, "policy")  # nothing refined to take
+            self.counted["status", False] += 1
+            return verdict
+        person = self.decisions.get(row["ann_index"])
+        if person is not None:
+            verdict = (bool(person), "person")
+        else:  # null: an OUT written before the policy existed took every ok row
+            verdict = (row.get("accepted") is not False, "policy")
+        self.counted[verdict[1], verdict[0]] += 1
+        return verdict
+
+    def reset(self) -> None:
+        """Forget what a streamed write that is being redone from the whole file counted."""
+        self.counted.clear()
+
+    def report(self) -> None:
+        if self.tally is not None:
+            self.tally.update(self.counted)
+
+
+def _write_streamed(
+    handle: IO[bytes], uri: str, parts: list[str], processed, name: str, verdicts: _Verdicts
+) -> None:
     try:
-        _write_document(handle, _streamed_members(uri), _rows(parts), processed, name)
+        _write_document(handle, _streamed_members(uri), _rows(parts), processed, name, verdicts)
     except json_walk.NotOrjson:
         raise _Whole from None
     except json_walk.BrokenJson as error:
@@ -91,9 +145,17 @@ def _rows(parts: list[str]) -> Iterator[dict]:
     return rows_by_position(parts, RESULT_COLUMNS)
 
 
-def _write(handle: IO[bytes], coco: dict, rows: Iterator[dict], processed, name: str = "") -> None:
+def _write(
+    handle: IO[bytes],
+    coco: dict,
+    rows: Iterator[dict],
+    processed,
+    name: str = "",
+    verdicts: _Verdicts | None = None,
+) -> None:
     """`coco`, parsed whole, as JSON with the `rows` (in position order) applied."""
-    _write_document(handle, _whole_members(coco, processed), rows, processed, name)
+    verdicts = verdicts or _Verdicts({}, None)
+    _write_document(handle, _whole_members(coco, processed), rows, processed, name, verdicts)
 
 
 def _whole_members(coco: dict, processed) -> Iterator[tuple[str, object, Iterator | None]]:
@@ -135,9 +197,11 @@ def _array_items(pieces: Iterator[json_walk.Piece]) -> Iterator:
         yield from piece.value
 
 
-def _write_document(handle: IO[bytes], members, rows: Iterator[dict], processed, name: str) -> None:
+def _write_document(
+    handle: IO[bytes], members, rows: Iterator[dict], processed, name: str, verdicts: _Verdicts
+) -> None:
     """The members as one JSON object, the rows applied to `annotations` (`[]` when absent)."""
-    results = _Results(rows, name)
+    results = _Results(rows, name, verdicts)
     handle.write(b"{")
     separator = b""
     annotations_written = False
@@ -155,6 +219,7 @@ def _write_document(handle: IO[bytes], members, rows: Iterator[dict], processed,
         handle.write(separator + b'"annotations":')
         _write_annotations(handle, iter(()), results, processed)
     results.finish()
+    verdicts.report()
     handle.write(b"}\n")
 
 
@@ -166,7 +231,7 @@ def _write_annotations(handle: IO[bytes], annotations: Iterator, results: _Resul
         if row is None and processed is not None:
             continue
         if row is not None:
-            _apply(annotation, row)
+            _apply(annotation, row, *results.verdicts.of(row))
         handle.write((b"" if first else b",\n") + _dumps_annotation(annotation, position))
         first = False
     handle.write(b"]")
@@ -195,8 +260,8 @@ def _has(ids: np.ndarray, value) -> bool:
 class _Results:
     """OUT's rows in position order, handed out annotation by annotation."""
 
-    def __init__(self, rows: Iterator[dict], name: str) -> None:
-        self.rows, self.name = rows, name
+    def __init__(self, rows: Iterator[dict], name: str, verdicts: _Verdicts) -> None:
+        self.rows, self.name, self.verdicts = rows, name, verdicts
         self.next = next(rows, None)
 
     def at(self, position: int, annotation) -> dict | None:
@@ -223,9 +288,9 @@ class _Results:
         )
 
 
-def _apply(annotation: dict, row: dict) -> None:
+def _apply(annotation: dict, row: dict, accepted: bool, decided_by: str) -> None:
     status = row["status"]
-    if status == Status.OK:
+    if accepted:
         annotation["segmentation"] = row["segmentation"]
         annotation["area"] = row["area"]
         annotation["bbox"] = row["bbox"]
@@ -236,6 +301,8 @@ def _apply(annotation: dict, row: dict) -> None:
         "iou_vs_original": row["iou_vs_original"],
         "boundary_iou_vs_original": row["boundary_iou_vs_original"],
         "model": row["model"],
+        "accepted": accepted,
+        "decided_by": decided_by,
     }
 
 

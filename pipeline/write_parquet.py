@@ -19,7 +19,7 @@ from hqsam.hqsam_core import storage
 from hqsam.pipeline.read_refined import PART_PREFIX, rows_folder
 from hqsam.pipeline.sorted_rows import SORT_KEY, sorted_part_options
 from hqsam.pipeline.stage import Row, Stage
-from hqsam.schemas.refine_rows import IMAGE_ENCODED, IMAGE_WRITTEN
+from hqsam.schemas.refine_rows import IMAGE_JUDGED, IMAGE_WRITTEN
 from hqsam.schemas.refined import REFINED_ANNOTATION
 from hqsam.schemas.status import Status
 
@@ -34,8 +34,9 @@ class WriteParquetParts(Stage):
     reads = ("image_id", "image_uri", "file_name", "height", "width", "ann_ids", "ann_indices")
     reads += ("category_ids", "iscrowd", "prompts", "statuses", "errors")
     reads += ("scores", "rle_counts", "refined_bboxes", "areas", "ious", "boundary_ious")
+    reads += ("stabilities", "sam_hq_ious", "prompt_kinds", "accepted", "rejected_by")
     # The sink keeps only what progress needs; everything else is in the part file now.
-    drops = tuple(name for name in IMAGE_ENCODED.names if name not in IMAGE_WRITTEN.names)
+    drops = tuple(name for name in IMAGE_JUDGED.names if name not in IMAGE_WRITTEN.names)
     whole_blocks = True
 
     def __init__(self, out: str, model: str, images_per_file: int = 512, prefix: str = PART_PREFIX) -> None:
@@ -90,6 +91,11 @@ class WriteParquetParts(Stage):
             "score": _float_or_none(row["scores"][k]),
             "iou_vs_original": _float_or_none(row["ious"][k]),
             "boundary_iou_vs_original": _float_or_none(row["boundary_ious"][k]),
+            "prompt": row["prompt_kinds"][k] or None,
+            "stability": _float_or_none(row["stabilities"][k]) if ok else None,
+            "sam_hq_iou": _float_or_none(row["sam_hq_ious"][k]) if ok else None,
+            "accepted": bool(row["accepted"][k]) if ok else None,
+            "rejected_by": row["rejected_by"][k] or None,
             "status": str(status),
             "error": row["errors"][k] or None,
             "model": self.model,

@@ -13,6 +13,7 @@ Arrow type describes the same values.
     DecodeImages       pipeline/decode_images.py   -> IMAGE_DECODED
     RefineMasks        pipeline/refine_masks.py    -> IMAGE_REFINED
     EncodeMasks        pipeline/encode_masks.py    -> IMAGE_ENCODED
+    JudgeRows          pipeline/judge_rows.py      -> IMAGE_JUDGED
     WriteParquetParts  pipeline/write_parquet.py   -> IMAGE_WRITTEN, after writing one
                                                       schemas/refined.py row per annotation to OUT
 
@@ -89,7 +90,13 @@ IMAGE_REFINED = after(
         # numpy (number of ok annotations, ceil(height * width / 8)) uint8: each ok annotation's
         # refined mask as np.packbits of its height * width pixels, in annotation order
         pa.field("packed_masks", pa.list_(pa.list_(pa.uint8()))),
-        pa.field("scores", pa.list_(pa.float64())),  # HQ-SAM's predicted IoU; NaN unless ok
+        pa.field("scores", pa.list_(pa.float64())),  # SAM's predicted IoU; NaN unless ok
+        # numpy (N,) float32: the mask's stability score and its IoU with SAM's own mask (the
+        # refiner's `Refinement`); NaN unless ok
+        pa.field("stabilities", pa.list_(pa.float32())),
+        pa.field("sam_hq_ious", pa.list_(pa.float32())),
+        # the prompt each annotation got (hqsam_core/guided.py's kinds); "" where none was made
+        pa.field("prompt_kinds", pa.list_(pa.string())),
     ],
 )
 
@@ -108,5 +115,14 @@ IMAGE_ENCODED = after(
     ],
 )
 
+# The acceptance policy's verdict on each ok annotation (hqsam_core/acceptance.py).
+IMAGE_JUDGED = after(
+    IMAGE_ENCODED,
+    adds=[
+        pa.field("accepted", pa.list_(pa.int8())),  # numpy (N,) int8: 1 accepted, 0 rejected, -1 unless ok
+        pa.field("rejected_by", pa.list_(pa.string())),  # the failing clause; "" unless rejected
+    ],
+)
+
 # What the sink returns per image, once its rows are in OUT: enough to count progress.
-IMAGE_WRITTEN = pa.schema([IMAGE_ENCODED.field("image_id"), IMAGE_ENCODED.field("statuses")])
+IMAGE_WRITTEN = pa.schema([IMAGE_JUDGED.field("image_id"), IMAGE_JUDGED.field("statuses")])

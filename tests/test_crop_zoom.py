@@ -117,7 +117,9 @@ def test_refine_plumbing_with_a_model_that_draws_its_boxes(monkeypatch) -> None:
             )
             rows = np.arange(len(b))
             quality = np.ones(len(b), np.float32)
-            yield RefinedChunk(index, rows, result.packed_masks, result.scores, quality, quality, result.logits)
+            yield RefinedChunk(
+                index, rows, result.packed_masks, result.scores, quality, quality, result.logits
+            )
 
     refiner = BoxRefiner(small_vit_hqsam())
     monkeypatch.setattr(refiner, "_whole_chunks", fake_whole_chunks)

@@ -217,9 +217,18 @@ def test_labelme_coco_output_loads_and_evaluates(labelme, capsys) -> None:
         original = next(a for a in coco["annotations"] if a["id"] == annotation["id"])
         assert set(original) - {"segmentation", "area", "bbox"} <= set(annotation)
         assert set(annotation["hqsam"]) == {
-            *("score", "status", "error", "iou_vs_original", "boundary_iou_vs_original", "model")
+            *("score", "status", "error", "iou_vs_original", "boundary_iou_vs_original", "model"),
+            *("accepted", "decided_by"),
         }
         assert annotation["hqsam"]["status"] == "ok" and annotation["hqsam"]["error"] is None
+        # the default policy: the refined mask only where it overlaps its original by half or more
+        accepted = annotation["hqsam"]["iou_vs_original"] >= 0.5
+        assert annotation["hqsam"]["accepted"] is accepted and annotation["hqsam"]["decided_by"] == "policy"
+        if not accepted:  # the original, as it was
+            assert [annotation[key] for key in ("segmentation", "area", "bbox")] == [
+                original[key] for key in ("segmentation", "area", "bbox")
+            ]
+            continue
         rle = ground.annToRLE(annotation)
         assert annotation["area"] == int(mask_utils.area(rle))
         assert annotation["bbox"] == pytest.approx([float(v) for v in mask_utils.toBbox(rle)])
@@ -403,11 +412,17 @@ def test_status_run_coco_output_keeps_failed_and_unknown_fields(statuses) -> Non
     for annotation in ground.dataset["annotations"]:
         original, status = originals[annotation["id"]], expected[annotation["id"]]
         assert annotation["hqsam"]["status"] == status
-        if status == "ok":
+        if status == "ok" and annotation["hqsam"]["accepted"]:
             rle = ground.annToRLE(annotation)
             assert annotation["area"] == int(mask_utils.area(rle))
             assert annotation["bbox"] == pytest.approx([float(v) for v in mask_utils.toBbox(rle)])
             assert annotation["hqsam"]["score"] is not None
+        elif status == "ok":  # rejected by the policy: the original stays, as it was
+            iou = annotation["hqsam"]["iou_vs_original"]
+            assert iou is not None and iou < 0.5 and annotation["hqsam"]["decided_by"] == "policy"
+            assert [annotation[key] for key in ("segmentation", "area", "bbox")] == [
+                original[key] for key in ("segmentation", "area", "bbox")
+            ]
         else:  # failed or skipped: the original segmentation, box and area stay
             assert annotation["segmentation"] == original["segmentation"]
             assert annotation["area"] == original["area"]

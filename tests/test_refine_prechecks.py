@@ -94,10 +94,14 @@ def test_the_summary_records_the_hash_the_run_identity_computed(tiny_checkpoint,
 
 
 def test_every_function_of_the_refine_job_is_short() -> None:
+    """Thin: the command's code (past its option declarations and docstring) is a few lines."""
     tree = ast.parse((ROOT / "jobs" / "refine.py").read_text())
-    lengths = {
-        node.name: node.end_lineno - node.lineno + 1
-        for node in ast.walk(tree)
-        if isinstance(node, ast.FunctionDef)
-    }
-    assert lengths["refine"] <= 60 and max(lengths.values()) <= 60, lengths
+    functions = [node for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)]
+    code = {node.name: node.end_lineno - _code_start(node) + 1 for node in functions}
+    assert code["refine"] <= 15 and max(code.values()) <= 50, code
+
+
+def _code_start(function: ast.FunctionDef) -> int:
+    first = function.body[0]
+    docstring = isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
+    return function.body[1].lineno if docstring and len(function.body) > 1 else first.lineno

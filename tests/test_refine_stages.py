@@ -25,6 +25,7 @@ from hqsam.hqsam_core.metrics import boundary_iou_batch
 from hqsam.hqsam_core.testing.random_weights import randomize_
 from hqsam.pipeline.decode_images import DecodeImages
 from hqsam.pipeline.encode_masks import EncodeMasks
+from hqsam.pipeline.judge_rows import JudgeRows
 from hqsam.pipeline.manifest import read_manifest
 from hqsam.pipeline.read_images import ReadImages
 from hqsam.pipeline.refine_masks import RefineMasks
@@ -34,6 +35,7 @@ from hqsam.pipeline.write_parquet import WriteParquetParts
 from hqsam.schemas.refine_rows import (
     IMAGE_DECODED,
     IMAGE_ENCODED,
+    IMAGE_JUDGED,
     IMAGE_READ,
     IMAGE_REFINED,
     IMAGE_TASK,
@@ -46,7 +48,7 @@ from tests.conftest import ROOT
 W, H = 64, 48
 SHAPES = ROOT / "examples" / "shapes" / "annotations.json"
 # The row before and after each stage of the chain, in order.
-ROWS = [IMAGE_TASK, IMAGE_READ, IMAGE_DECODED, IMAGE_REFINED, IMAGE_ENCODED, IMAGE_WRITTEN]
+ROWS = [IMAGE_TASK, IMAGE_READ, IMAGE_DECODED, IMAGE_REFINED, IMAGE_ENCODED, IMAGE_JUDGED, IMAGE_WRITTEN]
 
 
 # ---------------------------------------------------------------- helpers
@@ -139,6 +141,7 @@ def test_every_stage_declares_the_rows_of_schemas_refine_rows(settings, tmp_path
         DecodeImages,
         RefineMasks,
         EncodeMasks,
+        JudgeRows,
         WriteParquetParts,
     ]
     for stage, before, after in zip(stages, ROWS, ROWS[1:]):
@@ -151,8 +154,8 @@ def test_every_stage_declares_the_rows_of_schemas_refine_rows(settings, tmp_path
     assert stages[2].on_actor and stages[2].batch_size == settings.batch_size
     assert refine_options["num_gpus"] == 0 and refine_options["memory"] == 2 * 2**30
     assert refine_options["compute"].max_size == settings.max_actors
-    assert stages[4].batch_size == settings.images_per_file
-    assert [stage.batch_size for stage in (stages[0], stages[1], stages[3])] == [None, None, None]
+    assert stages[5].batch_size == settings.images_per_file
+    assert [stage.batch_size for stage in (stages[0], stages[1], stages[3], stages[4])] == [None] * 4
 
 
 # ---------------------------------------------------------------- ReadImages
@@ -311,13 +314,17 @@ def test_encode_masks_rle_box_area_and_change_against_the_input_mask() -> None:
         json.dumps(encode_rle(masks[2])),  # the refined mask itself, as an RLE
     ]
     statuses = [Status.OK, Status.INVALID_BOX, Status.OK, Status.OK]
-    row = task(boxes=[(0, 0, 1, 1)] * 4, segmentations=segmentations) | {
-        "prompts": np.full((4, 4), np.nan),
-        "statuses": statuses,
-        "errors": ["", "bad box", "", ""],
-        "scores": [0.5, math.nan, 0.25, 0.75],
-        "packed_masks": np.packbits(np.stack(masks).reshape(3, -1), axis=1),
-    }
+    row = (
+        task(boxes=[(0, 0, 1, 1)] * 4, segmentations=segmentations)
+        | {
+            "prompts": np.full((4, 4), np.nan),
+            "statuses": statuses,
+            "errors": ["", "bad box", "", ""],
+            "scores": [0.5, math.nan, 0.25, 0.75],
+            "packed_masks": np.packbits(np.stack(masks).reshape(3, -1), axis=1),
+        }
+        | ratings(4)
+    )
     (row,) = EncodeMasks().process([row])
     assert set(row) == set(IMAGE_ENCODED.names)
 
@@ -336,16 +343,45 @@ def test_encode_masks_rle_box_area_and_change_against_the_input_mask() -> None:
 
 
 def test_encode_masks_leaves_rows_without_ok_annotations_empty() -> None:
-    row = task(uri=None, boxes=[(0, 0, 1, 1)] * 2, width=None, height=None) | {
-        "prompts": np.full((2, 4), np.nan),
-        "statuses": [Status.IMAGE_MISSING] * 2,
-        "errors": ["no image record"] * 2,
-        "scores": [math.nan] * 2,
-        "packed_masks": np.zeros((0, 0), np.uint8),
-    }
+    row = (
+        task(uri=None, boxes=[(0, 0, 1, 1)] * 2, width=None, height=None)
+        | {
+            "prompts": np.full((2, 4), np.nan),
+            "statuses": [Status.IMAGE_MISSING] * 2,
+            "errors": ["no image record"] * 2,
+            "scores": [math.nan] * 2,
+            "packed_masks": np.zeros((0, 0), np.uint8),
+        }
+        | ratings(2)
+    )
     (row,) = EncodeMasks().process([row])
     assert set(row) == set(IMAGE_ENCODED.names)
     assert row["rle_counts"] == ["", ""] and list(row["areas"]) == [-1, -1] and np.isnan(row["ious"]).all()
+
+
+def ratings(count: int) -> dict:
+    """RefineMasks' ratings of `count` annotations: none made."""
+    nothing = np.full(count, np.nan, np.float32)
+    return {"stabilities": nothing, "sam_hq_ious": nothing.copy(), "prompt_kinds": [""] * count}
+
+
+# ---------------------------------------------------------------- JudgeRows
+
+
+def test_judge_rows_gives_ok_annotations_the_policy_verdict_and_the_failing_clause() -> None:
+    row = {
+        "statuses": [Status.OK, Status.OK, Status.INVALID_BOX, Status.OK],
+        "scores": [0.9, 0.9, math.nan, 0.2],
+        "stabilities": np.array([0.95, 0.5, np.nan, 0.99], np.float32),
+        "sam_hq_ious": np.array([0.9, 0.9, np.nan, 0.9], np.float32),
+        "ious": np.array([0.8, 0.8, np.nan, np.nan], np.float32),  # the last has no original mask
+        "boundary_ious": np.array([0.7, 0.7, np.nan, np.nan], np.float32),
+        "areas": np.array([100, 100, -1, 5]),
+        "category_ids": [1, 2, 3, 1],
+    }
+    (judged,) = JudgeRows("stability >= 0.9 and iou_vs_original >= 0.5 and area > 10").process([row])
+    assert list(judged["accepted"]) == [1, 0, -1, 0]
+    assert judged["rejected_by"] == ["", "stability >= 0.9", "", "area > 10"]
 
 
 # ---------------------------------------------------------------- WriteParquetParts
@@ -360,15 +396,22 @@ def test_write_parquet_parts_writes_one_row_per_annotation(tmp_path) -> None:
         "errors": ["", "box has zero size"],
         "scores": [0.5, math.nan],
         "packed_masks": np.packbits(mask.reshape(1, -1), axis=1),
+        "stabilities": np.array([0.875, np.nan], np.float32),
+        "sam_hq_ious": np.array([0.625, np.nan], np.float32),
+        "prompt_kinds": ["box+mask", ""],
     }
-    missing = task(2, uri=None, width=None, height=None) | {
-        "prompts": np.full((1, 4), np.nan),
-        "statuses": [Status.IMAGE_MISSING],
-        "errors": ["no image record for image_id 2"],
-        "scores": [math.nan],
-        "packed_masks": np.zeros((0, 0), np.uint8),
-    }
-    encoded = EncodeMasks().process([ok, missing])
+    missing = (
+        task(2, uri=None, width=None, height=None)
+        | {
+            "prompts": np.full((1, 4), np.nan),
+            "statuses": [Status.IMAGE_MISSING],
+            "errors": ["no image record for image_id 2"],
+            "scores": [math.nan],
+            "packed_masks": np.zeros((0, 0), np.uint8),
+        }
+        | ratings(1)
+    )
+    encoded = JudgeRows("iou_vs_original >= 0.5").process(EncodeMasks().process([ok, missing]))
     stage = WriteParquetParts(str(tmp_path) + "/", "vit_tiny", images_per_file=2)
     returned = stage.process(encoded)
     assert returned == [
@@ -409,6 +452,12 @@ def test_write_parquet_parts_writes_one_row_per_annotation(tmp_path) -> None:
         (None, None, None, 0),
     ]
     assert [r["prompt_box"] for r in rows] == [[4.0, 4.0, 30.0, 20.0], None, None]
+    assert [(r["prompt"], r["stability"], r["sam_hq_iou"]) for r in rows] == [
+        ("box+mask", 0.875, 0.625),
+        (None, None, None),
+        (None, None, None),
+    ]
+    assert [(r["accepted"], r["rejected_by"]) for r in rows] == [(True, None), (None, None), (None, None)]
 
     assert stage.process(encoded) == returned  # a rerun replaces its part, never adds a copy
     assert [p.name for p in rows_folder.iterdir()] == [part.name]

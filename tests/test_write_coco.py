@@ -1,7 +1,9 @@
 """annotations.json written by streaming the input and merging OUT's parts by position (issue 14,
 item 3): the same JSON as the input parsed whole with the rows applied, from parts sorted or not,
 in many shuffled parts, for files orjson cannot read, on S3, in memory that does not grow with the file.
-Expected values are computed here from the input and the rows, not by the writer's code."""
+Only accepted rows give their refined mask (the policy's `accepted`, null taken as true, or a
+person's decision over it); the others keep the original. Expected values are computed here from the
+input and the rows, not by the writer's code."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import json
 import math
 import random
 import tracemalloc
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +69,8 @@ def rows_for(coco: dict, positions, seed: int = 1) -> list[dict]:
                 "error": None if ok else "no image record",
             }
             | {"iou_vs_original": 0.5 if ok else None, "boundary_iou_vs_original": None}
+            # the policy's verdict: accepted, rejected, or none (an OUT written before the policy)
+            | {"accepted": (True, False, None)[position % 3] if ok else None}
         )
     return rows
 
@@ -86,19 +91,29 @@ def write_parts(out: Path, groups: list[list[dict]], sort: bool) -> list[Path]:
     return paths
 
 
-def expected_of(coco: dict, groups: list[list[dict]], only_processed: bool = False) -> dict:
+def expected_of(
+    coco: dict, groups: list[list[dict]], only_processed: bool = False, decisions: dict | None = None
+) -> dict:
     """The input with every row applied at its position; of two rows at one position, the later in
-    part order wins (as the writer before streaming did)."""
+    part order wins (as the writer before streaming did). An ok row's mask replaces the original
+    when a person accepted it (`decisions`), or nobody decided and the policy did not reject it."""
     expected = json.loads(json.dumps(coco))
     at = {row["ann_index"]: row for group in groups for row in group}
+    decisions = decisions or {}
     for position, annotation in enumerate(expected["annotations"]):
         row = at.get(position)
         if row is None:
             continue
+        taken, by = False, "policy"
         if row["status"] == "ok":
+            if position in decisions:
+                taken, by = decisions[position], "person"
+            else:
+                taken = row.get("accepted") is not False
+        if taken:
             annotation |= {key: row[key] for key in ("segmentation", "area", "bbox")}
         keys = ("score", "status", "error", "iou_vs_original", "boundary_iou_vs_original", "model")
-        annotation["hqsam"] = {key: row[key] for key in keys}
+        annotation["hqsam"] = {key: row[key] for key in keys} | {"accepted": taken, "decided_by": by}
     if only_processed:
         ids = {row["image_id"] for group in groups for row in group}
         expected["images"] = [image for image in expected["images"] if image["id"] in ids]
@@ -135,10 +150,8 @@ def test_rows_in_many_shuffled_parts_land_at_their_positions_as_orjson_writes_th
     annotations = b",\n".join(orjson.dumps(a) for a in expected["annotations"])
     members.insert(2, b'"annotations":[' + annotations + b"]")
     assert written == b"{" + b",".join(members) + b"}\n"
-    assert expected["annotations"][17]["hqsam"] == {
-        k: groups[-1][-1][k]
-        for k in ("score", "status", "error", "iou_vs_original", "boundary_iou_vs_original", "model")
-    }
+    keys = ("score", "status", "error", "iou_vs_original", "boundary_iou_vs_original", "model")
+    assert {k: expected["annotations"][17]["hqsam"][k] for k in keys} == {k: groups[-1][-1][k] for k in keys}
 
 
 @pytest.mark.parametrize("sort", [True, False])
@@ -162,6 +175,72 @@ def test_a_merge_over_more_than_fan_in_parts_gives_the_same_output(tmp_path, mon
     written = json.loads(in_steps)
     assert written == expected_of(coco, groups)
     assert written["annotations"][17]["hqsam"]["score"] == groups[-1][-2]["score"]
+
+
+def test_a_rejected_row_keeps_its_original_and_a_person_decides_over_the_policy(tmp_path) -> None:
+    coco = coco_of(10, 3)
+    rows = rows_for(coco, range(30))
+    ok = [row for row in rows if row["status"] == "ok"]
+    accepted = next(row for row in ok if row["accepted"] is True)
+    refused = next(row for row in ok if row["accepted"] is False)
+    unjudged = next(row for row in ok if row["accepted"] is None)
+    failed = next(row for row in rows if row["status"] != "ok")
+    write_parts(tmp_path / "out", shuffled_groups(rows, 3), sort=True)
+    source = write_input(tmp_path / "coco.json", coco)
+
+    written = json.loads(Path(write_coco(source, str(tmp_path / "out"))).read_text())["annotations"]
+    assert written == expected_of(coco, [rows])["annotations"]
+    for row, taken in ((accepted, True), (refused, False), (unjudged, True), (failed, False)):
+        annotation, original = written[row["ann_index"]], coco["annotations"][row["ann_index"]]
+        assert annotation["hqsam"]["accepted"] is taken and annotation["hqsam"]["decided_by"] == "policy"
+        for key in ("segmentation", "bbox", "area"):
+            assert annotation[key] == (row[key] if taken else original[key]), (key, taken)
+
+    decisions = {accepted["ann_index"]: False, refused["ann_index"]: True}
+    (tmp_path / "out" / "annotations.json").unlink()
+    tally = Counter()
+    to = f"{tmp_path}/final/coco.json"
+    uri = write_coco(source, str(tmp_path / "out"), decisions=decisions, to=to, tally=tally)
+    assert uri == to and not (tmp_path / "out" / "annotations.json").exists()
+    written = json.loads(Path(uri).read_text())
+    assert written == expected_of(coco, [rows], decisions=decisions)
+    assert (
+        written["annotations"][accepted["ann_index"]]["segmentation"]
+        == coco["annotations"][0]["segmentation"]
+    )
+    assert written["annotations"][refused["ann_index"]]["segmentation"] == refused["segmentation"]
+    assert written["annotations"][refused["ann_index"]]["hqsam"]["decided_by"] == "person"
+    policy_taken = sum(1 for row in ok if row["accepted"] is not False) - 1
+    assert tally == Counter(
+        {
+            ("person", True): 1,
+            ("person", False): 1,
+            ("policy", True): policy_taken,
+            ("policy", False): len(ok) - 2 - policy_taken,
+            ("status", False): len(rows) - len(ok),
+        }
+    )
+
+
+def test_parts_written_before_the_policy_take_every_ok_row(tmp_path) -> None:
+    coco = coco_of(6, 3)
+    rows = rows_for(coco, range(18))
+    old = pa.schema([field for field in REFINED_ANNOTATION if field.name not in ("accepted", "rejected_by")])
+    (tmp_path / "out" / "rows").mkdir(parents=True)
+    table = pa.Table.from_pylist(
+        [{k: v for k, v in row.items() if k != "accepted"} for row in rows], schema=old
+    )
+    write_atomically(str(tmp_path / "out" / "rows" / "part-00000.parquet"), table, sorted_by_position=True)
+    pq.write_table(table.slice(0, 0), tmp_path / "out" / "rows" / "part-00001.parquet")  # unsorted, empty
+    written = json.loads(
+        Path(write_coco(write_input(tmp_path / "coco.json", coco), str(tmp_path / "out"))).read_text()
+    )
+    for row in rows:
+        row["accepted"] = None
+    assert written == expected_of(coco, [rows])
+    assert sum(a["hqsam"]["accepted"] for a in written["annotations"]) == sum(
+        r["status"] == "ok" for r in rows
+    )
 
 
 def test_only_processed_images_keeps_the_images_and_annotations_with_rows(tmp_path) -> None:
@@ -204,7 +283,7 @@ def test_files_orjson_cannot_read_are_written_from_the_whole_file(tmp_path) -> N
     write_parts(tmp_path / "out", groups, sort=True)
     written = json.loads((Path(write_coco(str(path), str(tmp_path / "out")))).read_text())
     expected = expected_of(coco, groups)
-    if expected["annotations"][7]["hqsam"]["status"] != "ok":
+    if not expected["annotations"][7]["hqsam"]["accepted"]:  # the original bbox is kept
         expected["annotations"][7]["bbox"] = [None, 1, 2, 3]  # NaN is written as null
     assert written == expected and written["categories"][0]["code"] == 2**70
 
@@ -231,7 +310,7 @@ def test_a_top_level_key_written_twice_keeps_its_last_value(tmp_path) -> None:
 
 
 def encoded_row(image_id: int, positions: list[int]) -> dict:
-    """An IMAGE_ENCODED row of an image without a record: every annotation image_missing."""
+    """An IMAGE_JUDGED row of an image without a record: every annotation image_missing."""
     count = len(positions)
     return {"image_id": image_id, "image_uri": None, "file_name": None, "height": None, "width": None} | {
         "ann_ids": positions, "ann_indices": positions, "category_ids": [1] * count,
@@ -240,6 +319,8 @@ def encoded_row(image_id: int, positions: list[int]) -> dict:
         "scores": [math.nan] * count, "rle_counts": [""] * count,
         "refined_bboxes": np.zeros((count, 4)), "areas": [-1] * count,
         "ious": [math.nan] * count, "boundary_ious": [math.nan] * count,
+        "stabilities": [math.nan] * count, "sam_hq_ious": [math.nan] * count,
+        "prompt_kinds": [""] * count, "accepted": [-1] * count, "rejected_by": [""] * count,
     }  # fmt: skip
 
 
