@@ -10,6 +10,8 @@ and polygons per image, written under --workdir, a temp dir by default) go throu
           DecodeImages, RefineMasks, EncodeMasks, WriteParquetParts) through pipeline.stage.run_local,
           the same stages Ray runs: the bare work plus the pipeline's extra work (IoU/boundary IoU
           vs the input polygons, Parquet).
+  points  as stages, with --prompt box+points (K=1 round, P=2 points, T=3 trials): the cost of
+          mask-guided prompts relative to the box alone (--points; the polygons are the originals)
   ray     pipeline.refine_run.run_refine with a RefineConfig on a local Ray (ray.init(num_cpus=2)), CPU,
           RefineSettings.torch_threads = the bare loop's thread count, a random-weights vit_tiny
           checkpoint this script writes (build_hqsam + hqsam_core.random_weights.randomize_ + save_model).
@@ -166,6 +168,11 @@ def child_bare(spec: dict) -> dict:
     }
 
 
+def child_points(spec: dict) -> dict:
+    """child_stages with box+points prompts: K=1, P=2, T=3."""
+    return child_stages(spec | {"prompt": "box+points"})
+
+
 def child_stages(spec: dict) -> dict:
     """The pipeline's chain of stages through run_local, in this process, no Ray."""
     from hqsam.pipeline.manifest import read_manifest
@@ -173,7 +180,16 @@ def child_stages(spec: dict) -> dict:
     from hqsam.pipeline.stage import run_local
 
     settings = RefineSettings(
-        VARIANT, spec["checkpoint"], None, "cpu", batch_size=spec["batch_size"], torch_threads=spec["threads"]
+        VARIANT,
+        spec["checkpoint"],
+        None,
+        "cpu",
+        batch_size=spec["batch_size"],
+        torch_threads=spec["threads"],
+        prompt=spec.get("prompt", "box"),
+        prompt_rounds=1,
+        prompt_points=2,
+        prompt_trials=3,
     )
     out = tempfile.mkdtemp(prefix="hqsam-bench-stages-", dir=spec["workdir"])
     stages = refine_stages(out, settings)
@@ -340,7 +356,13 @@ class TreeCpu:
         return sum(ticks - mark.get(pid, 0) for pid, ticks in now.items()) / os.sysconf("SC_CLK_TCK")
 
 
-CHILDREN = {"bare": child_bare, "stages": child_stages, "ray": child_ray, "memory": child_memory}
+CHILDREN = {
+    "bare": child_bare,
+    "stages": child_stages,
+    "points": child_points,
+    "ray": child_ray,
+    "memory": child_memory,
+}
 
 
 def run_child(kind: str, spec: dict) -> dict:
@@ -365,6 +387,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--memory-images", type=int, nargs="*", default=[200, 2000])
     parser.add_argument("--memory-refined-every", type=int, default=100)
     parser.add_argument("--skip-stages", action="store_true", help="leave out the no-Ray stages run")
+    parser.add_argument("--points", action="store_true", help="also the stages with box+points prompts")
+    parser.add_argument("--skip-ray", action="store_true", help="leave out the Ray runs (and memory)")
     parser.add_argument("--workdir", type=Path, default=None, help="generated data (default: a temp dir)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="write the raw results here")
@@ -396,14 +420,16 @@ def main(argv: list[str] | None = None) -> dict:
         print(
             f"{args.images} images 320x240, {data['annotations']} boxes; {args.repeats} repeats", flush=True
         )
-        kinds = ["bare"] + ([] if args.skip_stages else ["stages"]) + ["ray"]
+        kinds = ["bare"] + ([] if args.skip_stages else ["stages"]) + (["points"] if args.points else [])
+        kinds += [] if args.skip_ray else ["ray"]
         runs: dict[str, list[dict]] = {kind: [] for kind in kinds}
         for repeat in range(args.repeats):
             for kind in kinds:
                 runs[kind].append(run_child(kind, spec))
                 print(f"  {kind} run {repeat + 1}: {_brief(kind, runs[kind][-1])}", flush=True)
 
-        memory = [_measure_memory(args, work, spec, count) for count in args.memory_images]
+        counts = [] if args.skip_ray else args.memory_images
+        memory = [_measure_memory(args, work, spec, count) for count in counts]
 
     result = summarize(args, data, runs, memory)
     result["benchmark_wall_s"] = time.perf_counter() - started
@@ -438,27 +464,30 @@ def summarize(args, data: dict, runs: dict, memory: list) -> dict:
         return {"seconds": seconds, "images_per_s": images / seconds, "annotations_per_s": boxes / seconds}
 
     medians = {}
-    for kind in ("bare", "stages"):
+    for kind in ("bare", "stages", "points"):
         if runs.get(kind):
             medians[kind] = rate(statistics.median(r["seconds"] for r in runs[kind]))
-    for key in ("cold_s", "warm_s", "steady_s"):
-        medians[f"ray_{key[:-2]}"] = rate(statistics.median(r[key] for r in runs["ray"]))
     cpu_per_image = {
         kind: statistics.median(r["cpu_s"] for r in runs[kind]) / images
-        for kind in ("bare", "stages")
+        for kind in ("bare", "stages", "points")
         if runs.get(kind)
     }
-    for key in ("steady", "warm", "fixed"):
-        cpu_per_image[f"ray_{key}"] = statistics.median(r["cpu_s"][key] for r in runs["ray"]) / images
+    if runs.get("ray"):
+        for key in ("cold_s", "warm_s", "steady_s"):
+            medians[f"ray_{key[:-2]}"] = rate(statistics.median(r[key] for r in runs["ray"]))
+        for key in ("steady", "warm", "fixed"):
+            cpu_per_image[f"ray_{key}"] = statistics.median(r["cpu_s"][key] for r in runs["ray"]) / images
+        medians["ray_fixed_s"] = statistics.median(r["fixed_s"] for r in runs["ray"])
+        medians["ray_init_s"] = statistics.median(r["ray_init_s"] for r in runs["ray"])
     medians["cpu_s_per_image"] = cpu_per_image  # ray_fixed: per image of the N, for comparison
-    medians["ray_fixed_s"] = statistics.median(r["fixed_s"] for r in runs["ray"])
-    medians["ray_init_s"] = statistics.median(r["ray_init_s"] for r in runs["ray"])
     bare = medians["bare"]["seconds"]
     ratios = {
         f"{name}_over_bare": bare / medians[name]["seconds"]
         for name in ("ray_steady", "ray_warm", "ray_cold", "stages")
         if name in medians
     }
+    if "points" in medians and "stages" in medians:  # how many times the box's time box+points takes
+        ratios["points_cost_over_box"] = medians["points"]["seconds"] / medians["stages"]["seconds"]
     peaks = {m["images"]: m["peak_driver_rss_bytes"] for m in memory}
     return {
         "benchmark": "pipeline.refine_run.run_refine (Ray Data) vs a bare BoxRefiner loop, CPU, vit_tiny random weights",
@@ -480,7 +509,9 @@ def summarize(args, data: dict, runs: dict, memory: list) -> dict:
         "median": medians,
         "ratios": ratios,
         "target_ratio": TARGET_RATIO,
-        "meets_target_steady": ratios["ray_steady_over_bare"] >= TARGET_RATIO,
+        "meets_target_steady": ratios.get("ray_steady_over_bare", 0) >= TARGET_RATIO
+        if runs.get("ray")
+        else None,
         "memory": memory,
         "memory_peak_growth_bytes": (max(peaks.values()) - min(peaks.values())) if len(peaks) > 1 else None,
     }
@@ -505,6 +536,7 @@ def print_table(r: dict) -> None:
     names = [
         ("bare", "bare loop (decode, refine, RLE)"),
         ("stages", "pipeline stages, no Ray"),
+        ("points", "pipeline stages, box+points K=1 P=2 T=3"),
         ("ray_steady", "Ray pipeline, fixed costs taken out"),
         ("ray_warm", "Ray pipeline, warm (actor + model load)"),
         ("ray_cold", "Ray pipeline, cold (+ ray.init)"),
@@ -517,13 +549,16 @@ def print_table(r: dict) -> None:
         print(
             f"{label:44} {s['seconds']:8.1f} {s['images_per_s']:7.2f} {s['annotations_per_s']:7.2f} {ratio:8.2f}"
         )
-    print(
-        f"fixed costs of one run_refine (1 crowd-only image): {m['ray_fixed_s']:.1f} s; "
-        f"ray.init: {m['ray_init_s']:.1f} s"
-    )
-    print(
-        f"ratio pipeline/bare (steady) {r['ratios']['ray_steady_over_bare']:.2f}, target >= {r['target_ratio']}"
-    )
+    if "points_cost_over_box" in r["ratios"]:
+        print(f"box+points (K=1, P=2, T=3) takes {r['ratios']['points_cost_over_box']:.2f}x the box's time")
+    if "ray_fixed_s" in m:
+        print(
+            f"fixed costs of one run_refine (1 crowd-only image): {m['ray_fixed_s']:.1f} s; "
+            f"ray.init: {m['ray_init_s']:.1f} s"
+        )
+        print(
+            f"ratio pipeline/bare (steady) {r['ratios']['ray_steady_over_bare']:.2f}, target >= {r['target_ratio']}"
+        )
     c = m["cpu_s_per_image"]
     print(
         "CPU seconds per image (all processes; insensitive to other load): "

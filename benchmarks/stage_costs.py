@@ -13,6 +13,7 @@ in this process, one core (torch and the stages single-threaded), timed in CPU t
   rle      EncodeMasks' unpacking and RLE encoding, with box and area of each mask
   compare  EncodeMasks' IoU and boundary IoU against each annotation's original mask (decoding the
            polygons included)
+  judge    JudgeRows: the acceptance policy (the default, iou_vs_original >= 0.5)
   write    WriteParquetParts: the rows as zstd Parquet
 
 From the total: the images/s one core feeds, and the cores a node needs per GPU at the GPU targets
@@ -43,7 +44,7 @@ COCO_SIZES = [(640, 480), (480, 640), (640, 427), (500, 375)]  # W x H
 OBJECT_SIZES = [(0.41, (8, 32)), (0.34, (32, 96)), (0.25, (96, 360))]
 GPU_TARGETS = {"vit_h bf16 (H100)": 60.0, "vit_b bf16 (H100)": 250.0}
 NODES = {"g5.xlarge (4 vCPU per GPU)": 4, "p5.48xlarge (24 vCPU per GPU)": 24}
-STAGES = ("read", "decode", "prompts", "rle", "compare", "write")
+STAGES = ("read", "decode", "prompts", "rle", "compare", "judge", "write")
 
 
 def write_dataset(root: Path, images: int, boxes: int, seed: int) -> Path:
@@ -118,6 +119,9 @@ def stand_in_refine(rows: list[dict]) -> list[dict]:
         row["statuses"] = [Status.OK if s == Status.PENDING else s for s in row["statuses"]]
         row["packed_masks"] = pack_masks(masks)
         row["scores"] = [0.9] * len(row["statuses"])
+        row["stabilities"] = np.full(len(row["statuses"]), 0.95, np.float32)
+        row["sam_hq_ious"] = np.full(len(row["statuses"]), 0.9, np.float32)
+        row["prompt_kinds"] = ["box"] * len(row["statuses"])
         del row["pixels"]
     return rows
 
@@ -139,9 +143,11 @@ def measure(annotations: Path, out: Path, repeats: int) -> dict:
 
     import torch
 
+    from hqsam.hqsam_core.acceptance import DEFAULT_POLICY
     from hqsam.hqsam_core.images import decode_image
     from hqsam.pipeline.decode_images import DecodeImages
     from hqsam.pipeline.encode_masks import EncodeMasks
+    from hqsam.pipeline.judge_rows import JudgeRows
     from hqsam.pipeline.manifest import read_manifest
     from hqsam.pipeline.read_images import ReadImages
     from hqsam.pipeline.write_parquet import WriteParquetParts
@@ -168,6 +174,7 @@ def measure(annotations: Path, out: Path, repeats: int) -> dict:
         ]
         _timed(seconds, "rle", EncodeMasks().process, rle_only)
         seconds["compare"] = seconds.pop("encode_masks") - seconds["rle"]
+        rows = _timed(seconds, "judge", JudgeRows(DEFAULT_POLICY).process, rows)
         writer = WriteParquetParts(str(out / f"pass-{repeat}"), "vit_h", 512)
         _timed(seconds, "write", writer.process, rows)
         best = {k: min(v, best.get(k, v)) for k, v in seconds.items()}
