@@ -62,6 +62,36 @@ def test_statuses_repeats_and_unwritten_rows_are_counted_from_out(tmp_path: Path
     assert is_marked(written, np.arange(12)).tolist() == [p in (0, 1, 6) for p in range(12)]
 
 
+def test_verdicts_are_counted_once_per_annotation_and_old_parts_count_in_neither(tmp_path: Path) -> None:
+    parts = write_parts(tmp_path / "tasks")
+    out = tmp_path / "out"
+    judged = [
+        # ann_index, status, category_id, accepted, rejected_by
+        (0, "ok", 1, True, None),
+        (1, "ok", 1, False, "stability >= 0.9"),
+        (2, "ok", 2, False, "iou_vs_original >= 0.5"),
+        (3, "ok", 2, False, "stability >= 0.9"),
+        (4, "invalid_box", 2, None, None),
+        (3, "ok", 2, True, None),  # a second row of position 3: only its first row counts
+    ]
+    table = pa.Table.from_pylist(
+        [
+            {"image_id": 0, "annotation_id": 0, "ann_index": at, "status": status, "model": "m"}
+            | {"category_id": category, "accepted": accepted, "rejected_by": clause}
+            for at, status, category, accepted, clause in judged
+        ],
+        schema=REFINED_ANNOTATION,
+    )
+    write_atomically(str(out / "rows" / "part-a.parquet"), table)
+    # a part written before the policy existed: no verdict columns at all
+    old = pa.table({"ann_index": pa.array([5, 6], pa.int64()), "status": ["ok", "ok"]})
+    pq.write_table(old, out / "rows" / "part-b.parquet")
+    tally, _ = count_out(parts, str(out), 9)
+    assert (tally.accepted, tally.rejected) == (1, 3) and tally.written == 7
+    assert tally.rejected_by_clause == {"stability >= 0.9": 2, "iou_vs_original >= 0.5": 1}
+    assert tally.by_category == {"1": {"accepted": 1, "rejected": 1}, "2": {"accepted": 0, "rejected": 2}}
+
+
 def test_the_source_filter_drops_the_rows_whose_first_annotation_is_written(tmp_path: Path) -> None:
     parts = write_parts(tmp_path / "tasks")
     out = tmp_path / "out"

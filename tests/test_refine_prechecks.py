@@ -105,3 +105,25 @@ def _code_start(function: ast.FunctionDef) -> int:
     first = function.body[0]
     docstring = isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
     return function.body[1].lineno if docstring and len(function.body) > 1 else first.lineno
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        (["--accept", "stabilty >= 0.9"], "error: --accept: unknown column 'stabilty' at character 1"),
+        (["--accept", "stability >= 0.9 and"], "error: --accept: unexpected end of expression after 'and'"),
+        (["--prompt", "box+mask", "--crop-zoom", "0.25"], "error: --crop-zoom refines box prompts only"),
+    ],
+)
+def test_a_bad_policy_or_prompt_is_refused_before_out_exists(
+    tiny_checkpoint, tmp_path, options, expected
+) -> None:
+    path = write_local_dataset(tmp_path / "data")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        app,
+        ["refine", str(path), "--out", str(out)]
+        + ["--checkpoint", str(tiny_checkpoint), "--device", "cpu", "--no-progress", *options],
+    )
+    assert the_error(result).startswith(expected)
+    assert not out.exists()

@@ -301,6 +301,45 @@ def test_refine_masks_refines_pending_boxes_and_fails_only_the_image_that_raises
     assert list(skipped["statuses"]) == [Status.CROWD_SKIPPED] and len(skipped["packed_masks"]) == 0
 
 
+@pytest.mark.parametrize("prompt", ["box+points", "box+mask"])
+def test_refine_masks_guides_with_the_original_and_says_where_it_had_none(settings, prompt) -> None:
+    """The stage hands the annotations' own masks and positions to hqsam_core.guided, which is
+    tested against the refiner; an annotation without a mask gets the box alone, and says so."""
+    import dataclasses
+
+    from hqsam.hqsam_core.guided import FALLBACK, refine_guided
+
+    polygon = [[6.0, 4.0, 30.0, 4.0, 30.0, 24.0, 6.0, 24.0]]
+    row = decode(
+        read_row(
+            png(texture(H, W, 4)),
+            boxes=((4, 4, 30, 20), (8, 6, 30, 20), (200, 1, 5, 5)),
+            segmentations=[json.dumps(polygon), "", json.dumps(polygon)],
+        )
+    )
+    stage = RefineMasks(dataclasses.replace(settings, prompt=prompt, prompt_trials=2, min_region_area=4))
+    stage.setup()
+    (refined,) = to_rows(to_batch(stage.process(to_rows(to_batch([dict(row)])))))
+    assert list(refined["statuses"]) == [Status.OK, Status.OK, Status.INVALID_BOX]
+    assert list(refined["prompt_kinds"]) == [prompt, FALLBACK, ""]
+
+    original = square(6, 4, 30, 24)
+    (expected,) = refine_guided(
+        stage.refiner,
+        [row["pixels"]],
+        [row["prompts"][:2]],
+        [[original, None]],
+        [[100, 101]],
+        stage.settings.guidance,
+        min_region_area=4,
+    )
+    np.testing.assert_array_equal(refined["packed_masks"], expected.packed_masks)
+    np.testing.assert_allclose(refined["scores"][:2], expected.scores, atol=1e-6)
+    np.testing.assert_allclose(refined["stabilities"][:2], expected.stability, atol=1e-6)
+    np.testing.assert_allclose(refined["sam_hq_ious"][:2], expected.sam_hq_iou, atol=1e-6)
+    assert np.isnan(refined["stabilities"][2]) and np.isnan(refined["sam_hq_ious"][2])
+
+
 # ---------------------------------------------------------------- EncodeMasks
 
 
