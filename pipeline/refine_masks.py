@@ -52,6 +52,17 @@ ACTOR_MEMORY_GIB = {"vit_tiny": 2, "vit_b": 3, "vit_l": 5, "vit_h": 8}
 NO_MASKS = np.zeros((0, 0), np.uint8)  # the packed masks of an image with no ok annotation
 
 
+def nothing_refined(row: Row) -> Row:
+    """The fields RefineMasks adds, as for a row none of whose annotations was refined."""
+    count = len(row["statuses"])
+    row["statuses"], row["errors"] = list(row["statuses"]), list(row["errors"])
+    row["packed_masks"], row["scores"] = NO_MASKS, [math.nan] * count
+    row["stabilities"] = np.full(count, np.nan, np.float32)
+    row["sam_hq_ious"] = np.full(count, np.nan, np.float32)
+    row["prompt_kinds"] = [""] * count
+    return row
+
+
 class RefineMasks(Stage):
     """Holds one BoxRefiner (an actor pool under Ray) and refines batches of decoded images.
 
@@ -108,12 +119,7 @@ class RefineMasks(Stage):
 
     def process(self, rows: list[Row]) -> list[Row]:
         for row in rows:
-            count = len(row["statuses"])
-            row["statuses"], row["errors"] = list(row["statuses"]), list(row["errors"])
-            row["packed_masks"], row["scores"] = NO_MASKS, [math.nan] * count
-            row["stabilities"] = np.full(count, np.nan, np.float32)
-            row["sam_hq_ious"] = np.full(count, np.nan, np.float32)
-            row["prompt_kinds"] = [""] * count
+            nothing_refined(row)
         work = [row for row in rows if Status.PENDING in row["statuses"]]
         for row, result in self._refine_isolating_failures(work):
             statuses, errors = row["statuses"], row["errors"]

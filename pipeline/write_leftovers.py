@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from collections.abc import Callable
 
 import numpy as np
@@ -20,9 +19,10 @@ import pyarrow as pa
 
 from hqsam.hqsam_core.errors import one_line
 from hqsam.pipeline.encode_masks import EncodeMasks
+from hqsam.pipeline.judge_rows import JudgeRows
 from hqsam.pipeline.out_tally import tally_out
 from hqsam.pipeline.read_refined import CRASHED_PART_PREFIX
-from hqsam.pipeline.refine_masks import NO_MASKS
+from hqsam.pipeline.refine_masks import nothing_refined
 from hqsam.pipeline.refine_pipeline import RefineSettings, refine_stages
 from hqsam.pipeline.stage import Row, Stage, apply_ray
 from hqsam.pipeline.stream_coco import StreamedManifest
@@ -110,7 +110,7 @@ def write_crashed(tasks: pa.Table, out: str, settings: RefineSettings, error: st
     writes a row that was not refined, into parts of their own (CRASHED_PART_PREFIX) that a resume
     removes to refine those rows again. Returns how many annotations it wrote, as a one-row table."""
     rows = [_crashed(task, error) for task in tasks.to_pylist()]
-    rows = EncodeMasks().process(rows)
+    rows = JudgeRows(settings.accept).process(EncodeMasks().process(rows))
     writer = WriteParquetParts(
         out, settings.model_column, settings.images_per_file, prefix=CRASHED_PART_PREFIX
     )
@@ -122,10 +122,9 @@ def write_crashed(tasks: pa.Table, out: str, settings: RefineSettings, error: st
 def _crashed(task: Row, error: str) -> Row:
     """A task row as RefineMasks leaves one it did not refine, every annotation WORKER_CRASHED."""
     count = len(task["ann_ids"])
-    return task | {
+    row = task | {
         "statuses": [Status.WORKER_CRASHED] * count,
         "errors": [error] * count,
         "prompts": np.full((count, 4), np.nan),  # no prompt was given to HQ-SAM
-        "packed_masks": NO_MASKS,
-        "scores": [math.nan] * count,
     }
+    return nothing_refined(row)
