@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import typer
 
-from hqsam.jobs.options import VERBOSE_OPTION
+from hqsam.jobs.options import REFINED_OUT_ARGUMENT, VERBOSE_OPTION
 
 
 def apply(
-    out: str = typer.Argument(..., help="The --out of `hqsam refine` (local, s3://, gs://)."),
+    out: str = REFINED_OUT_ARGUMENT,
     decisions: str = typer.Option(
         ...,
         "--decisions",

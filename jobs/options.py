@@ -117,6 +117,9 @@ def device_or_default(device: Device | None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+REFINED_OUT_ARGUMENT = typer.Argument(..., help="The --out of `hqsam refine` (local, s3://, gs://).")
+
+
 def fail(message: str, code: int = 2) -> None:
     """Print `error: message` and exit with `code` (2: the user's mistake)."""
     typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)

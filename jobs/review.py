@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import typer
 
-from hqsam.jobs.options import PROGRESS_OPTION, VERBOSE_OPTION
+from hqsam.jobs.options import PROGRESS_OPTION, REFINED_OUT_ARGUMENT, VERBOSE_OPTION
 
 IMAGES_HELP = (
     "Root the images moved to. With --annotations: ROOT/file_name, as `refine --images ROOT`. Without: "
@@ -21,7 +21,7 @@ ANNOTATIONS_HELP = (
 
 
 def review(
-    out: str = typer.Argument(..., help="The --out of `hqsam refine` (local, s3://, gs://)."),
+    out: str = REFINED_OUT_ARGUMENT,
     to: str = typer.Option(
         ...,
         "--to",
