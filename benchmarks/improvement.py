@@ -255,7 +255,8 @@ def write_calibrated_base(path: Path, seed: int, size: int) -> None:
 
     from hqsam.hqsam_core import build_hqsam
     from hqsam.hqsam_core.checkpoint import save_model
-    from hqsam.hqsam_core.training import large_scale_jitter, preprocess_batch
+    from hqsam.hqsam_core.testing.random_weights import calibrate_batchnorm_
+    from hqsam.hqsam_core.training import large_scale_jitter
 
     torch.manual_seed(seed)
     model = build_hqsam("vit_tiny", "random")
@@ -264,14 +265,7 @@ def write_calibrated_base(path: Path, seed: int, size: int) -> None:
     images = [
         large_scale_jitter(im, m, rng)[0] for im, m in generate_thin_structures(4, 10_000 + seed, size=size)
     ]
-    for module in model.image_encoder.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.reset_running_stats()
-            module.momentum = None  # a plain average over the calibration batch
-    model.image_encoder.train()
-    with torch.no_grad():
-        model.image_encoder(preprocess_batch(model, images))
-    save_model(model.eval(), str(path))
+    save_model(calibrate_batchnorm_(model, images), str(path))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -119,9 +119,18 @@ def refine_guided(
         logits, sam_logits, scores = refiner.decode_low_res(features, prompts, **options)
         if guidance.prompt == "box+points":
             for round_ in range(guidance.rounds):
-                current = _masks(refiner, features, prompts, logits, sam_logits, scores)
+                masks = _masks(refiner, features, prompts, logits, sam_logits, scores)
                 logits, sam_logits, scores = _pointed_round(
-                    refiner, features, prompts, current, flat_originals, flat_keys, round_, guidance, options
+                    refiner,
+                    features,
+                    prompts,
+                    masks,
+                    (logits, sam_logits, scores),
+                    flat_originals,
+                    flat_keys,
+                    round_,
+                    guidance,
+                    options,
                 )
     for image, rows in _image_rows(prompts):
         chunk = refiner.finish(
@@ -142,7 +151,8 @@ def _pointed_round(
     refiner: BoxRefiner,
     features,
     prompts: PromptSet,
-    current: list[np.ndarray],
+    masks: list[np.ndarray],
+    results: tuple[torch.Tensor, ...],
     originals: list[np.ndarray | None],
     keys: list[int],
     round_: int,
@@ -151,7 +161,7 @@ def _pointed_round(
 ) -> tuple[torch.Tensor, ...]:
     """One round: `trials` decodes of box + sampled points for every prompt whose mask still
     disagrees with its original, averaged; the others keep their results."""
-    logits, sam_logits, scores = (values.clone() for values in current[1])
+    logits, sam_logits, scores = (values.clone() for values in results)
     totals = None
     rows = None
     for trial in range(guidance.trials):
@@ -160,7 +170,7 @@ def _pointed_round(
             if original is None:
                 continue
             rng = np.random.default_rng([guidance.seed, keys[k], round_, trial])
-            points = disagreement_points(current[0][k], original, guidance.points, rng)
+            points = disagreement_points(masks[k], original, guidance.points, rng)
             if points is not None:
                 pointed.append(k)
                 coords.append(points[0])
@@ -179,8 +189,8 @@ def _pointed_round(
     return logits, sam_logits, scores
 
 
-def _masks(refiner: BoxRefiner, features, prompts: PromptSet, *results: torch.Tensor) -> tuple:
-    """Every prompt's thresholded mask at its image's size (host bool), with the results as given."""
+def _masks(refiner: BoxRefiner, features, prompts: PromptSet, *results: torch.Tensor) -> list[np.ndarray]:
+    """Every prompt's thresholded mask at its image's size (host bool)."""
     masks: list[np.ndarray | None] = [None] * len(prompts.boxes)
     logits, sam_logits, scores = results
     for image, rows in _image_rows(prompts):
@@ -190,7 +200,7 @@ def _masks(refiner: BoxRefiner, features, prompts: PromptSet, *results: torch.Te
         height, width = features.original_sizes[image]
         for k, mask in zip(rows.tolist(), unpack_masks(chunk.packed_masks, height, width)):
             masks[k] = mask
-    return masks, results
+    return masks
 
 
 def _image_rows(prompts: PromptSet) -> Iterator[tuple[int, torch.Tensor]]:

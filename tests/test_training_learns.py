@@ -26,13 +26,13 @@ import torch
 from hqsam.hqsam_core import build_hqsam
 from hqsam.hqsam_core.checkpoint import is_hq_key
 from hqsam.hqsam_core.evaluation import evaluate_batch, summarize
+from hqsam.hqsam_core.testing.random_weights import calibrate_batchnorm_
 from hqsam.hqsam_core.testing.thin_structures import generate_thin_structures
 from hqsam.hqsam_core.training import (
     HQTrainingModule,
     freeze_sam_,
     large_scale_jitter,
     make_optimizer,
-    preprocess_batch,
     sample_prompt,
     train_step,
 )
@@ -49,14 +49,7 @@ def calibrated_base(seed: int) -> torch.nn.Module:
     images = [
         large_scale_jitter(im, m, rng)[0] for im, m in generate_thin_structures(4, 1000 + seed, size=256)
     ]
-    for module in model.image_encoder.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.reset_running_stats()
-            module.momentum = None  # a plain average over the calibration batch
-    model.image_encoder.train()
-    with torch.no_grad():
-        model.image_encoder(preprocess_batch(model, images))
-    return model.eval()
+    return calibrate_batchnorm_(model, images)
 
 
 def memoise_encoder_(model) -> None:
