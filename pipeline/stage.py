@@ -15,9 +15,12 @@ worker, a native crash, would be retried for ever and the run would hang):
 
 - a task whose worker dies (a segfault, the OOM killer, a lost node) is retried TASK_RETRIES times,
   on any node; the lost outputs of finished tasks are rebuilt from their inputs within the same bound;
-- an actor whose process or node dies is restarted, on any node, up to ACTOR_RESTARTS times, and the
-  call it was running is retried up to ACTOR_CALL_RETRIES times: once per death, and about once a
-  second while the actor's node is lost but not yet known dead, so these must span that detection;
+- an actor whose process or node dies is restarted, on any node, as often as it dies (ACTOR_RESTARTS),
+  and the call it was running is retried up to ACTOR_CALL_RETRIES times: once per death, and about
+  once a second while the actor's node is lost but not yet known dead, so these must span that
+  detection. It is the calls that are bounded, not the restarts: Ray Data's actor pool never
+  replaces an actor that is dead for good and waits for it, so a bounded restart budget, used up by
+  inputs that each kill the actor on every try, would hang the run;
 - with `keep_going`, a block that still fails is dropped and the run goes on; the caller accounts for
   the rows it did not write (pipeline/write_leftovers.py). Without it the run raises.
 """
@@ -39,8 +42,8 @@ TASK_RETRIES = 2  # tries after the first of a task whose worker died
 # read and decoded, so nothing was written, and no progress shown, until the end.
 TASK_CPUS = 0.5
 ACTOR_CALL_RETRIES = 10  # tries after the first of a call on an actor that died or is unreachable
-# Restarts of one actor: a lost node costs one, an input that kills the actor ACTOR_CALL_RETRIES + 1.
-ACTOR_RESTARTS = 4 * (ACTOR_CALL_RETRIES + 1)
+# Restarts of one actor: without bound (see above); an input that kills it costs ACTOR_CALL_RETRIES + 1.
+ACTOR_RESTARTS = -1
 
 
 class Stage:
