@@ -280,11 +280,16 @@ def refined_table(data: dict, picked: np.ndarray, counts: np.ndarray, rng: np.ra
         "score": scores[0],
         "iou_vs_original": scores[1],
         "boundary_iou_vs_original": scores[2],
+        "prompt": pa.array(np.full(n, "box"), pa.string()),
+        "stability": scores[0],
+        "sam_hq_iou": scores[1],
+        "accepted": pa.array(np.ones(n, bool), mask=crowd),
+        "rejected_by": pa.nulls(n, pa.string()),
         "status": pa.array(np.where(crowd, "crowd_skipped", "ok"), pa.string()),
         "error": pa.nulls(n, pa.string()),
         "model": pa.array(np.full(n, MODEL_LABEL), pa.string()),
     }
-    return pa.Table.from_arrays(list(columns.values()), schema=REFINED_ANNOTATION)
+    return pa.Table.from_arrays([columns[f.name] for f in REFINED_ANNOTATION], schema=REFINED_ANNOTATION)
 
 
 def lists(values: np.ndarray, value_type, mask=None):
