@@ -604,9 +604,8 @@ def test_every_stage_runs_with_bounded_retries(tmp_path, checkpoint) -> None:
             assert options["max_task_retries"] == ACTOR_CALL_RETRIES
         else:
             assert options["max_retries"] == TASK_RETRIES
-        assert all(
-            value >= 0 for key, value in options.items() if key.startswith("max_") and key != "max_restarts"
-        )
+        retries = ("max_retries", "max_task_retries")
+        assert all(options[key] >= 0 for key in retries if key in options)
 
 
 # ---------------------------------------------------------------- --device cuda without a GPU (item 10)
